@@ -1,0 +1,83 @@
+"""Secrets at rest: password hashes, token digests, encrypted upstream passwords."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+from cryptography.fernet import Fernet, InvalidToken
+
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+PERSONAL_TOKEN_PREFIX = "dpat-"
+DEPLOY_TOKEN_PREFIX = "dpdt-"
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32
+    )
+    return "$".join(
+        [
+            "scrypt",
+            str(_SCRYPT_N),
+            str(_SCRYPT_R),
+            str(_SCRYPT_P),
+            base64.b64encode(salt).decode(),
+            base64.b64encode(digest).decode(),
+        ]
+    )
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        scheme, n, r, p, salt, expected = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=32,
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest, base64.b64decode(expected))
+
+
+# Spent on unknown user names so a miss takes as long as a wrong password.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def burn_password_check(password: str) -> None:
+    verify_password(password, _DUMMY_HASH)
+
+
+def new_token(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    """Tokens are high-entropy, so a plain SHA-256 is a safe lookup key for them."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _fernet(secret: str) -> Fernet:
+    key = hashlib.sha256(b"depproxy-upstream-credentials\0" + secret.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def encrypt_secret(secret: str, plaintext: str) -> str:
+    return _fernet(secret).encrypt(plaintext.encode()).decode()
+
+
+def decrypt_secret(secret: str, ciphertext: str) -> str | None:
+    """None when the ciphertext was made with another key or was tampered with."""
+    try:
+        return _fernet(secret).decrypt(ciphertext.encode()).decode()
+    except (InvalidToken, ValueError):
+        return None

@@ -1,0 +1,86 @@
+"""What the pull-through cache holds: blobs and manifests per group, and where tags point."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .meta import Base
+from .types import UTCDateTime, utcnow
+
+
+class CacheStatus(enum.StrEnum):
+    DEFAULT = "default"
+    PENDING_DESTRUCTION = "pending_destruction"
+    PROCESSING = "processing"
+    ERROR = "error"
+
+
+def _status_column() -> Mapped[CacheStatus]:
+    return mapped_column(
+        Enum(
+            CacheStatus,
+            native_enum=False,
+            length=32,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        default=CacheStatus.DEFAULT,
+    )
+
+
+class CachedBlob(Base):
+    __tablename__ = "dependency_proxy_blobs"
+    __table_args__ = (
+        UniqueConstraint("group_id", "digest"),
+        Index("ix_dependency_proxy_blobs_group_status_read", "group_id", "status", "read_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    digest: Mapped[str] = mapped_column(String(135))
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(255))
+    storage_key: Mapped[str] = mapped_column(String(512))
+    status: Mapped[CacheStatus] = _status_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    read_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class CachedManifest(Base):
+    """A manifest's exact bytes, cached per image by digest (digests never change content)."""
+
+    __tablename__ = "dependency_proxy_manifests"
+    __table_args__ = (
+        UniqueConstraint("group_id", "image", "digest"),
+        Index("ix_dependency_proxy_manifests_group_status_read", "group_id", "status", "read_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    image: Mapped[str] = mapped_column(String(255))
+    digest: Mapped[str] = mapped_column(String(135))
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(255))
+    storage_key: Mapped[str] = mapped_column(String(512))
+    status: Mapped[CacheStatus] = _status_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    read_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class CachedTag(Base):
+    """Where a tag pointed when upstream last confirmed it."""
+
+    __tablename__ = "dependency_proxy_tags"
+    __table_args__ = (UniqueConstraint("group_id", "image", "tag"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    image: Mapped[str] = mapped_column(String(255))
+    tag: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(135))
+    revalidated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

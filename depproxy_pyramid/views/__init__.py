@@ -1,0 +1,15 @@
+from pyramid.config import Configurator
+from pyramid.events import NewResponse
+
+
+def _api_version_header(event: NewResponse) -> None:
+    path = event.request.path_info
+    if path.startswith(("/v2/", "/jwt/")) or path == "/v2":
+        event.response.headers["Docker-Distribution-Api-Version"] = "registry/2.0"
+
+
+def includeme(config: Configurator) -> None:
+    config.add_route("depproxy.jwt_auth", "/jwt/auth")
+    config.add_route("depproxy.v2_base", "/v2/")
+    config.add_subscriber(_api_version_header, NewResponse)
+    config.scan(".")

@@ -1,0 +1,92 @@
+"""The registry token flow: `/jwt/auth` hands out JWTs, `/v2/` tells clients where to get one."""
+
+from __future__ import annotations
+
+from pyramid.request import Request
+from pyramid.response import Response
+from pyramid.view import view_config
+
+from ..errors import RegistryError
+from ..names import Repository, parse_repository
+from ..permissions import Permission
+from ..resources import RepositoryResource, Root
+from ..security import issue_jwt
+from .errors import SERVICE, unauthorized
+
+MAX_SCOPES = 32
+
+
+def _requested_scopes(request: Request) -> list[tuple[Repository, set[str]]]:
+    """Each `repository:<name>:<actions>` scope, from repeated and space-separated parameters."""
+    raw = [item for value in request.GET.getall("scope") for item in value.split()]
+    if len(raw) > MAX_SCOPES:
+        raise RegistryError(400, "DENIED", f"at most {MAX_SCOPES} scopes per token request")
+    requested: list[tuple[Repository, set[str]]] = []
+    for item in raw:
+        kind, sep, rest = item.partition(":")
+        name, sep2, actions = rest.rpartition(":")
+        if not sep or not sep2 or not name:
+            raise RegistryError(
+                400,
+                "UNSUPPORTED",
+                "a scope has the form repository:<name>:<actions>",
+                {"scope": item[:300]},
+            )
+        if kind != "repository":
+            raise RegistryError(
+                400,
+                "UNSUPPORTED",
+                f"scope type {kind[:50]!r} is not supported; only repository scopes can be granted",
+                {"scope": item[:300]},
+            )
+        requested.append((parse_repository(name), set(actions.split(","))))
+    return requested
+
+
+@view_config(route_name="depproxy.jwt_auth", request_method="GET", renderer="json")
+def jwt_auth(request: Request) -> dict:
+    identity = request.identity
+    if identity is None:
+        error = unauthorized(
+            request,
+            "invalid credentials" if request.authorization else "authentication required",
+        )
+        error.headers["WWW-Authenticate"] = f'Basic realm="{SERVICE}"'
+        raise error
+    service = request.GET.get("service")
+    if service is not None and service != SERVICE:
+        raise RegistryError(400, "UNSUPPORTED", f"unknown service; this is {SERVICE!r}")
+
+    root = Root(request)
+    access = []
+    for repository, actions in _requested_scopes(request):
+        if "pull" not in actions:
+            continue
+        try:
+            group = root.find(repository.group_path)
+        except KeyError:
+            continue
+        if request.has_permission(Permission.PULL, RepositoryResource(repository, group)):
+            access.append({"type": "repository", "name": repository.name, "actions": ["pull"]})
+
+    token, expires_in, issued_at = issue_jwt(
+        request.registry["depproxy.settings"], identity, access
+    )
+    return {
+        "token": token,
+        "access_token": token,
+        "expires_in": expires_in,
+        "issued_at": issued_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+@view_config(route_name="depproxy.v2_base", request_method=("GET", "HEAD"))
+def v2_base(request: Request) -> Response:
+    if request.identity is None:
+        raise unauthorized(
+            request,
+            "invalid or expired token" if request.authorization else "authentication required",
+        )
+    response = Response(json_body={}, charset="utf-8")
+    response.content_type = "application/json"
+    return response
