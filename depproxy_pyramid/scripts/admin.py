@@ -12,7 +12,7 @@ from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from pyramid.paster import bootstrap, setup_logging
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ..credentials import (
@@ -269,6 +269,10 @@ def run(argv: Sequence[str] | None = None) -> str:
         return output
 
 
+def _first_line(error: object) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(run(argv))
@@ -276,9 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"depproxy-admin: error: {error}", file=sys.stderr)
         return 1
     except IntegrityError as error:
-        print(f"depproxy-admin: error: conflicting data: {error.orig}", file=sys.stderr)
+        print(
+            f"depproxy-admin: error: conflicting data: {_first_line(error.orig)}", file=sys.stderr
+        )
+        return 1
+    except SQLAlchemyError as error:
+        print(
+            f"depproxy-admin: error: database: {_first_line(getattr(error, 'orig', error))} "
+            "(has `depproxy-admin CONFIG_URI initdb` been run?)",
+            file=sys.stderr,
+        )
         return 1
     except Exception as error:  # noqa: BLE001 - the operator gets one line, not a traceback
-        print(f"depproxy-admin: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(
+            f"depproxy-admin: error: {type(error).__name__}: {_first_line(error)}", file=sys.stderr
+        )
         return 1
     return 0

@@ -1,0 +1,165 @@
+"""Blobs as files under one local directory, published by an atomic rename out of its spool."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import os
+import stat
+from collections.abc import Mapping
+from typing import BinaryIO, cast
+
+from depproxy_pyramid.storage import (
+    BlobNotFound,
+    ConfigurationError,
+    validate_key,
+    validate_range,
+)
+
+# Group-readable so that a front-end server in the service's group can send files directly.
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+# A missing blob can surface as any of these, depending on which part of its path is missing or
+# is a file of the wrong kind.
+_ABSENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class FilesystemStorage:
+    """Settings: `depproxy.storage.path`, the root directory (created when missing)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        # Inside the root so that publishing a spooled file is a rename on one filesystem; keys
+        # cannot start with a dot, so none can land in here.
+        self.spool_dir = os.path.join(self.root, ".tmp")
+        _make_dirs(self.spool_dir)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, str]) -> FilesystemStorage:
+        key = "depproxy.storage.path"
+        root = str(settings.get(key) or "").strip()
+        if not root:
+            raise ConfigurationError(key, "is required")
+        try:
+            return cls(root)
+        except OSError as exc:
+            raise ConfigurationError(key, f"cannot create {root!r}: {exc}") from exc
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return builtins.open(self._path(key), "rb")
+        except _ABSENT:
+            raise BlobNotFound(key) from None
+
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO:
+        validate_range(start, end)
+        file = self.open(key)
+        try:
+            size = os.fstat(file.fileno()).st_size
+            if start >= size:
+                raise ValueError(f"range start {start} is past the end of {size}-byte {key!r}")
+            file.seek(start)
+        except BaseException:
+            file.close()
+            raise
+        return cast(BinaryIO, _RangeReader(file, min(end, size - 1) - start + 1))
+
+    def size(self, key: str) -> int | None:
+        try:
+            info = os.stat(self._path(key))
+        except _ABSENT:
+            return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+    def put_file(self, key: str, path: str) -> None:
+        try:
+            target = self._path(key)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fchmod(fd, _FILE_MODE)
+                # The rename below may reach the disk before the data does; without this a crash
+                # could leave a published blob with missing contents.
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = os.path.dirname(target)
+            _make_dirs(parent)
+            os.replace(path, target)
+        except BaseException:
+            _remove(path)
+            raise
+        try:
+            _fsync_dir(parent)
+        except BaseException:
+            # Callers treat a failed put as "not stored"; a blob left behind would contradict that.
+            _remove(target)
+            raise
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(*_ABSENT):
+            os.unlink(self._path(key))
+
+    def url_for(self, key: str, *, expires_in: int = 300) -> str | None:
+        validate_key(key)
+        return None
+
+    def local_path(self, key: str) -> str | None:
+        return self._path(key)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, validate_key(key))
+
+
+class _RangeReader(io.RawIOBase):
+    """Reads at most `length` bytes from a file already positioned at the range's start."""
+
+    def __init__(self, file: BinaryIO, length: int) -> None:
+        super().__init__()
+        self._file = file
+        self._remaining = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        with memoryview(buffer).cast("B") as view:
+            data = self._file.read(min(len(view), self._remaining))
+            view[: len(data)] = data
+        self._remaining -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+def _make_dirs(path: str) -> None:
+    """Create `path` and its missing parents, each with our mode (os.makedirs gives the mode only
+    to the last one) and each recorded durably in its parent directory."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    _make_dirs(parent)
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        # Another put may have created it meanwhile; anything but a directory is a real conflict.
+        if os.path.isdir(path):
+            return
+        raise
+    _fsync_dir(parent)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

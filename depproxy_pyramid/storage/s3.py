@@ -1,0 +1,199 @@
+"""Blobs as objects in an S3-compatible bucket (AWS, MinIO, ...), through one boto3 client.
+
+Settings, all under `depproxy.storage.s3.`: `bucket` (required), `prefix`, `endpoint_url`,
+`region`, `access_key_id` with `secret_access_key` (else boto3's default credential chain), and
+`redirect` (default false: whether `url_for` hands out presigned GET URLs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Mapping
+from typing import Any, BinaryIO, cast
+from urllib.parse import urlsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from depproxy_pyramid.storage import (
+    BlobNotFound,
+    ConfigurationError,
+    validate_key,
+    validate_range,
+)
+
+_SETTING = "depproxy.storage.s3."
+_MIB = 1024 * 1024
+# Larger files go up in parts, which S3 shows only once the upload completes (s3transfer aborts
+# it on failure). Parts and threads are capped so one big blob cannot take a worker's memory or
+# connections. "classic" keeps transfers on our client: the CRT manager would build its own.
+_TRANSFER = TransferConfig(
+    multipart_threshold=8 * _MIB,
+    multipart_chunksize=8 * _MIB,
+    max_concurrency=4,
+    preferred_transfer_client="classic",
+)
+# Each open blob holds a pooled connection until the reader closes it, so allow well beyond the
+# default 10 for a threaded server streaming several blobs while uploading others.
+_MAX_CONNECTIONS = 50
+_MAX_URL_SECONDS = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what botocore itself accepts
+_ABSENT_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3Storage:
+    """Blobs under `<prefix>/<key>` in one bucket."""
+
+    def __init__(
+        self, client: BaseClient, bucket: str, *, prefix: str = "", redirect: bool = False
+    ) -> None:
+        # boto3 clients are thread-safe, unlike sessions and resources: this one is shared by
+        # every request thread.
+        self._client = client
+        self._bucket = bucket
+        self._prefix = prefix
+        self._redirect = redirect
+        self.spool_dir = _private_spool_dir()
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, str]) -> S3Storage:
+        bucket = _text(settings, "bucket")
+        if not bucket:
+            raise ConfigurationError(_SETTING + "bucket", "is required")
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ConfigurationError(_SETTING + "bucket", f"{bucket!r} is not a bucket name")
+        prefix = _text(settings, "prefix").strip("/")
+        if prefix:
+            try:
+                validate_key(prefix)
+            except ValueError:
+                raise ConfigurationError(
+                    _SETTING + "prefix", f"{prefix!r} is not a valid key prefix"
+                ) from None
+        endpoint_url = _text(settings, "endpoint_url") or None
+        if endpoint_url:
+            parts = urlsplit(endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigurationError(
+                    _SETTING + "endpoint_url", f"expected an http(s) URL, got {endpoint_url!r}"
+                )
+        access_key_id = _text(settings, "access_key_id") or None
+        secret_access_key = _text(settings, "secret_access_key") or None
+        if bool(access_key_id) != bool(secret_access_key):
+            missing = "secret_access_key" if access_key_id else "access_key_id"
+            raise ConfigurationError(
+                _SETTING + missing, "access_key_id and secret_access_key must be set together"
+            )
+        redirect = _flag(settings, "redirect")
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name=_text(settings, "region") or None,
+        )
+        config = Config(
+            signature_version="s3v4",
+            # Self-hosted endpoints (MinIO, moto) seldom have a DNS name per bucket.
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            max_pool_connections=_MAX_CONNECTIONS,
+        )
+        client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        return cls(client, bucket, prefix=prefix, redirect=redirect)
+
+    def open(self, key: str) -> BinaryIO:
+        return self._get(key)
+
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO:
+        validate_range(start, end)
+        return self._get(key, Range=f"bytes={start}-{end}")
+
+    def size(self, key: str) -> int | None:
+        try:
+            response = self._client.head_object(Bucket=self._bucket, Key=self._object_key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _ABSENT_CODES:
+                return None
+            raise
+        return int(response["ContentLength"])
+
+    def put_file(self, key: str, path: str) -> None:
+        try:
+            self._client.upload_file(path, self._bucket, self._object_key(key), Config=_TRANSFER)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self._bucket, Key=self._object_key(key))
+
+    def url_for(self, key: str, *, expires_in: int = 300) -> str | None:
+        object_key = self._object_key(key)
+        if not 0 < expires_in <= _MAX_URL_SECONDS:
+            raise ValueError(f"expires_in must be 1..{_MAX_URL_SECONDS} seconds, got {expires_in}")
+        if not self._redirect:
+            return None
+        return self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self._bucket, "Key": object_key},
+            ExpiresIn=expires_in,
+        )
+
+    def local_path(self, key: str) -> str | None:
+        validate_key(key)
+        return None
+
+    def _object_key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self._prefix}/{key}" if self._prefix else key
+
+    def _get(self, key: str, **extra: Any) -> BinaryIO:
+        try:
+            response = self._client.get_object(
+                Bucket=self._bucket, Key=self._object_key(key), **extra
+            )
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code == "NoSuchKey":
+                raise BlobNotFound(key) from None
+            if code == "InvalidRange":
+                raise ValueError(f"range {extra.get('Range')} is outside {key!r}") from None
+            raise
+        # botocore's StreamingBody: read(n) pulls at most n bytes off the socket, and close()
+        # releases the connection.
+        return cast(BinaryIO, response["Body"])
+
+
+def _text(settings: Mapping[str, str], name: str) -> str:
+    return str(settings.get(_SETTING + name) or "").strip()
+
+
+def _flag(settings: Mapping[str, str], name: str) -> bool:
+    value = _text(settings, name)
+    if value.lower() in ("", "false", "no", "off", "0"):
+        return False
+    if value.lower() in ("true", "yes", "on", "1"):
+        return True
+    raise ConfigurationError(_SETTING + name, f"expected a boolean, got {value!r}")
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _private_spool_dir() -> str:
+    path = os.path.join(tempfile.gettempdir(), "depproxy-spool")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    # The temporary directory is shared with other users, and blobs from authenticated upstreams
+    # pass through the spool: refuse one that another user planted or could swap for a symlink.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(f"{path} is not a directory owned by uid {os.getuid()}")
+    os.chmod(path, 0o700)
+    return path

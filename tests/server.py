@@ -1,0 +1,132 @@
+"""The proxy as a real server process started from an ini file, as an operator would run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_ini(path: Path, settings: Mapping[str, str], port: int) -> Path:
+    app = "\n".join(f"{key} = {value}" for key, value in settings.items())
+    root = Path(__file__).resolve().parent.parent
+    path.write_text(
+        f"""[app:main]
+use = egg:depproxy-pyramid
+{app}
+
+[alembic]
+script_location = {root / "alembic"}
+
+[server:main]
+use = egg:waitress#main
+listen = 127.0.0.1:{port}
+threads = 16
+channel_timeout = 600
+
+[loggers]
+keys = root, depproxy_pyramid
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = WARN
+handlers = console
+
+[logger_depproxy_pyramid]
+level = INFO
+handlers =
+qualname = depproxy_pyramid
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+level = NOTSET
+formatter = generic
+
+[formatter_generic]
+format = %(asctime)s %(levelname)-5.5s [%(name)s:%(threadName)s] %(message)s
+"""
+    )
+    return path
+
+
+def admin(ini: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "depproxy-admin"), str(ini), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class ServerProcess:
+    """`pserve INI` in its own process group; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, ini: Path, port: int, log_path: Path) -> None:
+        self.ini = ini
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> ServerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child for its lifetime
+        self.process = subprocess.Popen(
+            [str(BIN / "pserve"), str(self.ini)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pserve exited early:\n{self.log()}")
+            try:
+                requests.get(f"{self.url}/v2/", timeout=1)
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"pserve did not answer within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,64 @@
+import pytest
+
+from depproxy_pyramid import main
+from depproxy_pyramid.settings import DOCKER_HUB_URL, ConfigurationError, parse_settings
+
+BASE = {
+    "sqlalchemy.url": "sqlite://",
+    "depproxy.storage.path": "/tmp/unused",
+    "depproxy.jwt.secret": "s" * 40,
+}
+
+
+def test_defaults():
+    settings = parse_settings(BASE)
+    assert settings.upstream_url == DOCKER_HUB_URL
+    assert settings.jwt_expire_seconds == 900
+    assert settings.external_url is None
+    assert settings.storage == "filesystem"
+    assert settings.upstream_registries == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"sqlalchemy.url": ""}, "sqlalchemy.url"),
+        ({"depproxy.jwt.secret": ""}, "depproxy.jwt.secret"),
+        ({"depproxy.jwt.secret": "short"}, "depproxy.jwt.secret"),
+        ({"depproxy.jwt.expire_seconds": "soon"}, "depproxy.jwt.expire_seconds"),
+        ({"depproxy.jwt.expire_seconds": "10"}, "depproxy.jwt.expire_seconds"),
+        ({"depproxy.upstream.url": "ftp://example.org"}, "depproxy.upstream.url"),
+        ({"depproxy.upstream.url": "registry-1.docker.io"}, "depproxy.upstream.url"),
+        ({"depproxy.upstream.username": "bob"}, "depproxy.upstream.password"),
+        ({"depproxy.upstream.password": "pw"}, "depproxy.upstream.username"),
+        ({"depproxy.external_url": "http://x/?q=1"}, "depproxy.external_url"),
+        ({"depproxy.development": "maybe"}, "depproxy.development"),
+        ({"depproxy.upstream.registries": "not a host"}, "depproxy.upstream.registries"),
+        ({"depproxy.upstream.registries": "ghcr.io=gopher://x"}, "depproxy.upstream.registries"),
+    ],
+)
+def test_bad_settings_name_their_key(overrides, key):
+    with pytest.raises(ConfigurationError) as info:
+        parse_settings({**BASE, **overrides})
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+def test_startup_stops_on_a_bad_setting():
+    with pytest.raises(ConfigurationError, match="depproxy.jwt.expire_seconds"):
+        main({}, **{**BASE, "depproxy.jwt.expire_seconds": "-1"})
+
+
+def test_development_supplies_a_secret():
+    settings = parse_settings({**BASE, "depproxy.jwt.secret": "", "depproxy.development": "true"})
+    assert settings.jwt_secret
+
+
+def test_extra_registries():
+    settings = parse_settings(
+        {**BASE, "depproxy.upstream.registries": "ghcr.io quay.io=https://mirror.example/quay/"}
+    )
+    assert settings.upstream_registries == {
+        "ghcr.io": "https://ghcr.io",
+        "quay.io": "https://mirror.example/quay",
+    }
