@@ -14,6 +14,7 @@ def includeme(config: Configurator) -> None:
     settings = parse_settings(config.get_settings())
     config.registry["depproxy.settings"] = settings
     config.include(".models")
+    config.include(".services")
     config.include(".views")
 
 

@@ -11,5 +11,7 @@ def _api_version_header(event: NewResponse) -> None:
 def includeme(config: Configurator) -> None:
     config.add_route("depproxy.jwt_auth", "/jwt/auth")
     config.add_route("depproxy.v2_base", "/v2/")
+    config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
+    config.add_route("depproxy.metrics", "/-/metrics")
     config.add_subscriber(_api_version_header, NewResponse)
     config.scan(".")
