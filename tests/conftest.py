@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 from depproxy_pyramid import main
 from depproxy_pyramid.models import get_engine, get_session_factory, get_tm_session
 
+pytest_plugins = ["tests.support.fixtures", "tests.support_s3"]
+
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
     "DEPPROXY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

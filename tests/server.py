@@ -34,7 +34,7 @@ use = egg:depproxy-pyramid
 script_location = {root / "alembic"}
 
 [server:main]
-use = egg:waitress#main
+use = egg:depproxy-pyramid#main
 listen = 127.0.0.1:{port}
 threads = 16
 channel_timeout = 600

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from tests.support_s3 import MotoS3
 
 # Provides the moto_s3 fixture.
-pytest_plugins = ["tests.support_s3"]
 
 MIB = 1024 * 1024
 DATA = b"0123456789abcdefghij"

@@ -29,7 +29,6 @@ from tests.support.token_server import TokenServer, libtrust_key_id
 if TYPE_CHECKING:
     from tests.support.fixtures import Upstream
 
-pytest_plugins = ["tests.support.fixtures"]
 
 PUBLIC = ["library/alpine:latest", "library/alpine:3.20", "schema2/app:1.0"]
 LISTS = ["multiarch/app:1.0", "dockerlist/app:1.0"]

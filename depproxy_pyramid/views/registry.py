@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -15,7 +16,7 @@ from ..errors import RegistryError, unsupported
 from ..names import parse_repository, validate_digest, validate_reference
 from ..permissions import Permission
 from ..resources import RepositoryResource, Root
-from ..services.fills import CHUNK_SIZE, Fill
+from ..services.fills import CHUNK_SIZE, Fill, FillError
 from ..services.proxy import GroupUpstream, ProxyService
 from ..storage import BlobNotFound
 
@@ -91,9 +92,10 @@ class AccessLog:
 class CountedBody:
     """A response body that counts what it sent and reports when the server closes it."""
 
-    def __init__(self, chunks: Iterable[bytes], on_close) -> None:
+    def __init__(self, chunks: Iterable[bytes], on_close, close=None) -> None:
         self._chunks = iter(chunks)
         self._on_close = on_close
+        self._close = close
         self.sent = 0
         self.failed = False
 
@@ -112,9 +114,8 @@ class CountedBody:
         return chunk
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        if self._close is not None:
+            self._close()
         self._on_close(self)
 
 
@@ -204,8 +205,8 @@ def blob_response(
         ref = service.head_blob_upstream(upstream, context.repository.image, digest)
         response = Response(status=200)
         _blob_headers(response, digest, ref.media_type or "application/octet-stream")
-        response.content_length = ref.size
         response.app_iter = []
+        response.content_length = ref.size
         service.metrics.requests.labels("blob", "miss").inc()
         access.write(200, "miss", 0, 200)
         return response
@@ -275,12 +276,21 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
     _blob_headers(response, fill.digest, fill.content_type)
     if span is None:
         chunks = fill.read()
-        if fill.size is not None:
-            response.content_length = fill.size
+        length = fill.size
     else:
         chunks = fill.read(span[0], span[1])
         response.headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{fill.size}"
-        response.content_length = span[1] - span[0]
+        length = span[1] - span[0]
+    # The server sends headers with the first chunk: a fill that fails before then (a small
+    # blob, usually) still gets a proper error response instead of the server's bare 500.
+    try:
+        first = next(chunks, None)
+    except FillError as error:
+        service.metrics.requests.labels("blob", "error").inc()
+        access.write(502, "error", 0, fill.upstream_status)
+        raise RegistryError(
+            502, "UNAVAILABLE", f"fetching the blob from upstream failed: {error}"
+        ) from error
     service.metrics.requests.labels("blob", "miss").inc()
 
     def finished(body: CountedBody) -> None:
@@ -288,7 +298,10 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
         result = "error" if body.failed else "miss"
         access.write(response.status_int, result, body.sent, fill.upstream_status)
 
-    response.app_iter = CountedBody(chunks, finished)
+    body = itertools.chain([first] if first else [], chunks)
+    response.app_iter = CountedBody(body, finished, close=chunks.close)
+    # Set after app_iter, whose setter forgets the length.
+    response.content_length = length
     return response
 
 

@@ -1,0 +1,147 @@
+"""The proxy under test as a real `pserve` process in front of the test upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from sqlalchemy import func, select
+
+from depproxy_pyramid.credentials import hash_password
+from depproxy_pyramid.models import (
+    CachedBlob,
+    CachedManifest,
+    Group,
+    Membership,
+    ProxySettings,
+    Role,
+    User,
+    Visibility,
+)
+from tests.conftest import Database, app_settings, migrate
+from tests.server import ServerProcess, free_port, write_ini
+
+PULLER = ("puller", "puller-password-1")
+PROXY_MARKER = "dependency_proxy/containers"
+
+
+@dataclass
+class Proxy:
+    server: ServerProcess
+    ini: Path
+    db: Database
+    storage: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def new_group(self, path: str, *, enabled: bool = True) -> str:
+        """A fresh private group with the puller as a developer: its own empty cache."""
+        manager, session = self.db.session()
+        with manager:
+            puller = session.scalar(select(User).where(User.username == PULLER[0]))
+            group = Group(path=path, name=path, visibility=Visibility.PRIVATE)
+            group.proxy_settings = ProxySettings(enabled=enabled)
+            session.add(group)
+            session.add(Membership(group=group, user=puller, role=Role.DEVELOPER))
+        return path
+
+    def ref(self, group: str, image: str) -> str:
+        return f"{self.host}/{group}/{PROXY_MARKER}/{image}"
+
+    def group_id(self, group: str) -> int:
+        manager, session = self.db.session()
+        with manager:
+            return session.scalar(select(Group.id).where(Group.path == group))
+
+    def cached_blobs(self, group: str) -> int:
+        manager, session = self.db.session()
+        with manager:
+            return session.scalar(
+                select(func.count())
+                .select_from(CachedBlob)
+                .join(Group, Group.id == CachedBlob.group_id)
+                .where(Group.path == group)
+            )
+
+    def cached_manifests(self, group: str) -> int:
+        manager, session = self.db.session()
+        with manager:
+            return session.scalar(
+                select(func.count())
+                .select_from(CachedManifest)
+                .join(Group, Group.id == CachedManifest.group_id)
+                .where(Group.path == group)
+            )
+
+    def stored_blob_files(self, group: str) -> list[Path]:
+        return sorted((self.storage / str(self.group_id(group)) / "blobs").rglob("*.*"))
+
+    def spool_files(self) -> list[Path]:
+        return sorted((self.storage / ".tmp").glob("*"))
+
+    def token(self, group: str, image: str, credentials=PULLER) -> str:
+        answer = requests.get(
+            f"{self.url}/jwt/auth",
+            params={
+                "service": "dependency_proxy",
+                "scope": f"repository:{group}/{PROXY_MARKER}/{image}:pull",
+            },
+            auth=credentials,
+            timeout=10,
+        )
+        answer.raise_for_status()
+        return answer.json()["token"]
+
+    def get(
+        self, group: str, image: str, kind: str, reference: str, method: str = "GET", **kw
+    ) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.token(group, image)}", **kw.pop("headers", {})}
+        if kind == "manifests":
+            headers.setdefault(
+                "Accept",
+                ", ".join(
+                    [
+                        "application/vnd.oci.image.index.v1+json",
+                        "application/vnd.oci.image.manifest.v1+json",
+                        "application/vnd.docker.distribution.manifest.list.v2+json",
+                        "application/vnd.docker.distribution.manifest.v2+json",
+                    ]
+                ),
+            )
+        return requests.request(
+            method,
+            f"{self.url}/v2/{group}/{PROXY_MARKER}/{image}/{kind}/{reference}",
+            headers=headers,
+            timeout=kw.pop("timeout", 60),
+            **kw,
+        )
+
+
+def start_proxy(workdir: Path, database_url: str, upstream_url: str, **extra: str) -> Proxy:
+    workdir.mkdir(parents=True, exist_ok=True)
+    migrate(database_url)
+    db = Database(database_url)
+    manager, session = db.session()
+    with manager:
+        session.add(User(username=PULLER[0], password_hash=hash_password(PULLER[1])))
+    settings = app_settings(
+        database_url,
+        workdir / "storage",
+        **{
+            "depproxy.upstream.url": upstream_url,
+            "depproxy.upstream.read_timeout": "5",
+            "depproxy.external_url": "",
+            **extra,
+        },
+    )
+    port = free_port()
+    ini = write_ini(workdir / "proxy.ini", settings, port)
+    server = ServerProcess(ini, port, workdir / "proxy.log").start()
+    return Proxy(server, ini, db, workdir / "storage")
