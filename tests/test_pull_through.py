@@ -371,3 +371,21 @@ def test_pull_on_postgresql(upstream, postgres_database, tmp_path):
     finally:
         proxy.server.stop()
 
+
+
+def test_fresh_tags_skip_revalidation(upstream, tmp_path):
+    proxy = start_proxy(
+        tmp_path, f"sqlite:///{tmp_path / 'fresh.sqlite'}", upstream.url,
+        **{"depproxy.manifest.freshness_seconds": "300"},
+    )
+    try:
+        group = proxy.new_group("fresh")
+        first = proxy.get(group, "library/alpine", "manifests", "latest")
+        assert first.status_code == 200
+        upstream.relay.reset_counts()
+        again = proxy.get(group, "library/alpine", "manifests", "latest")
+        assert again.content == first.content
+        assert upstream.relay.count(kind="manifest") == 0
+        assert upstream.token_relay.count() == 0
+    finally:
+        proxy.server.stop()

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, suppress
 
@@ -41,13 +42,13 @@ class Fill:
         self._written = 0
         self._started = False
         self._verified = False
-        self._finished = False
-        self._readers = 0
         self._cond = threading.Condition()
         fd, self.spool_path = tempfile.mkstemp(dir=spool_dir, prefix="fill-")
         self._out = os.fdopen(fd, "wb")
-        # Readers share one descriptor through pread; it outlives the rename at commit time.
+        # Readers share one descriptor through pread; it outlives the rename at commit time and
+        # is closed when the last reference to this fill (a reader's, say) is gone.
         self._read_fd = os.open(self.spool_path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._read_fd)
 
     def run(
         self,
@@ -95,10 +96,6 @@ class Fill:
             self._fail(error)
         finally:
             self._out.close()
-            with self._cond:
-                self._finished = True
-                self._cond.notify_all()
-                self._close_reader_fd_if_unused()
 
     def _fail(self, error: Exception) -> None:
         with self._cond:
@@ -121,42 +118,30 @@ class Fill:
 
     def read(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes `start..end-1` (to the end of the blob when `end` is None), as they land."""
-        with self._cond:
-            self._readers += 1
-        try:
-            position = start
-            while end is None or position < end:
-                with self._cond:
-                    while True:
-                        if self.error is not None:
-                            raise FillError(str(self.error))
-                        if self._verified:
-                            available = self._written
-                        else:
-                            total = self.size if self.size is not None else self._written
-                            available = min(self._written, total - 1)
-                        if available > position:
-                            break
-                        if self._verified:
-                            return
-                        self._cond.wait()
-                count = min(CHUNK_SIZE, available - position)
-                if end is not None:
-                    count = min(count, end - position)
-                data = os.pread(self._read_fd, count, position)
-                if not data:
-                    raise FillError("spool file ended early")
-                position += len(data)
-                yield data
-        finally:
+        position = start
+        while end is None or position < end:
             with self._cond:
-                self._readers -= 1
-                self._close_reader_fd_if_unused()
-
-    def _close_reader_fd_if_unused(self) -> None:
-        if self._finished and self._readers == 0 and self._read_fd >= 0:
-            os.close(self._read_fd)
-            self._read_fd = -1
+                while True:
+                    if self.error is not None:
+                        raise FillError(str(self.error))
+                    if self._verified:
+                        available = self._written
+                    else:
+                        total = self.size if self.size is not None else self._written
+                        available = min(self._written, total - 1)
+                    if available > position:
+                        break
+                    if self._verified:
+                        return
+                    self._cond.wait()
+            count = min(CHUNK_SIZE, available - position)
+            if end is not None:
+                count = min(count, end - position)
+            data = os.pread(self._read_fd, count, position)
+            if not data:
+                raise FillError("spool file ended early")
+            position += len(data)
+            yield data
 
 
 class BlobFills:
