@@ -31,11 +31,5 @@ def name_invalid(message: str, detail: Any = None) -> RegistryError:
     return RegistryError(400, "NAME_INVALID", message, detail)
 
 
-def name_unknown(name: str) -> RegistryError:
-    return RegistryError(
-        404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name}
-    )
-
-
 def unsupported(message: str) -> RegistryError:
     return RegistryError(405, "UNSUPPORTED", message)

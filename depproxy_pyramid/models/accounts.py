@@ -65,12 +65,6 @@ class Group(Base):
         back_populates="group", uselist=False, cascade="all, delete-orphan"
     )
 
-    @property
-    def ancestor_paths(self) -> list[str]:
-        """This group's path and every parent's, nearest first."""
-        segments = self.path.split("/")
-        return ["/".join(segments[:i]) for i in range(len(segments), 0, -1)]
-
 
 class User(Base):
     __tablename__ = "users"
