@@ -130,3 +130,69 @@ def test_one_request_grants_several_scopes(testapp, world):
         response.json["token"], JWT_SECRET, algorithms=["HS256"], audience="dependency_proxy"
     )
     assert [entry["name"] for entry in claims["access"]] == names[:3]
+
+
+VISIBLE = {  # which private groups each identity may see; "pub" is visible to everyone
+    "stranger": set(),
+    "elder": {"priv", "priv/nested"},
+    "deploy_token": {"priv", "priv/nested"},
+    "owner_read_token": {"priv", "priv/nested", "off"},
+    **{
+        role: {"priv", "priv/nested", "off"}
+        for role in ("guest", "reporter", "developer", "maintainer", "owner", "admin")
+    },
+}
+DENIED_PULLS = [
+    (identity, group) for identity, group, pull, _ in CASES if not pull and identity in VISIBLE
+]
+
+
+@pytest.mark.parametrize(("identity", "group"), DENIED_PULLS)
+def test_registry_refuses_what_the_token_endpoint_refused(testapp, world, identity, group):
+    name = repository(group).name
+    token = testapp.get(
+        "/jwt/auth",
+        params={"scope": f"repository:{name}:pull"},
+        headers=headers_for(world, identity),
+    ).json["token"]
+    response = testapp.get(
+        f"/v2/{name}/manifests/latest",
+        headers={"Authorization": f"Bearer {token}"},
+        expect_errors=True,
+    )
+    error = response.json["errors"][0]
+    if group != "pub" and group not in VISIBLE[identity]:
+        assert (response.status_int, error["code"]) == (404, "NAME_UNKNOWN")
+    elif group == "off":
+        assert (response.status_int, error["code"]) == (403, "DENIED")
+        assert "disabled" in error["message"]
+    else:
+        pytest.fail(f"{identity} was refused pull on visible, enabled group {group}")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_registry_without_a_token_challenges_with_the_scope(testapp, group):
+    name = repository(group).name
+    response = testapp.get(f"/v2/{name}/blobs/sha256:{'a' * 64}", expect_errors=True)
+    assert response.status_int == 401
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer realm="http://registry.test/jwt/auth",service="dependency_proxy",'
+        f'scope="repository:{name}:pull"'
+    )
+
+
+def test_a_token_for_one_repository_does_not_open_another(testapp, world):
+    granted = repository("priv").name
+    token = testapp.get(
+        "/jwt/auth",
+        params={"scope": f"repository:{granted}:pull"},
+        headers=basic(*world.credentials["guest"]),
+    ).json["token"]
+    other = "priv/dependency_proxy/containers/other/image"
+    response = testapp.get(
+        f"/v2/{other}/manifests/latest",
+        headers={"Authorization": f"Bearer {token}"},
+        expect_errors=True,
+    )
+    assert response.status_int == 401
+    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
