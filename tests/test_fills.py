@@ -165,3 +165,25 @@ def test_concurrent_joiners_share_one_transfer(fills, committed):
     assert len(responses.calls) == 1
     assert committed.event.wait(5)
     assert len(committed.calls) == 1
+
+
+@responses.activate
+def test_spool_files_of_dead_fills_are_removed_at_start(tmp_path, committed):
+    gate = threading.Event()
+
+    def slow_body(request):
+        gate.wait(5)
+        return 200, {"Content-Length": str(len(BODY))}, BODY
+
+    responses.add_callback(responses.GET, blob_url(), callback=slow_body)
+    abandoned = tmp_path / "fill-abandoned"
+    abandoned.write_bytes(b"half a layer")
+    fills = BlobFills(str(tmp_path), committed)
+    assert not abandoned.exists()
+    fill = fills.join_or_start(1, DIGEST, lambda: False, opener())
+    # A second process starting now must not take the spool file of a fill in progress.
+    BlobFills(str(tmp_path), committed)
+    assert os.path.exists(fill.spool_path)
+    gate.set()
+    fill.wait_started()
+    assert b"".join(fill.read()) == BODY

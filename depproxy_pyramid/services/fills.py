@@ -10,6 +10,7 @@ failed fill makes every reader raise, which cuts its connection short.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -24,6 +25,30 @@ from ..upstream import BlobResponse, UpstreamError
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
+SPOOL_PREFIX = "fill-"
+
+
+def remove_abandoned_spool_files(spool_dir: str) -> int:
+    """Delete spool files of fills whose process died (no lock held); return how many."""
+    removed = 0
+    for entry in os.scandir(spool_dir):
+        if not entry.name.startswith(SPOOL_PREFIX):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            with suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 class FillError(Exception):
@@ -43,7 +68,9 @@ class Fill:
         self._started = False
         self._verified = False
         self._cond = threading.Condition()
-        fd, self.spool_path = tempfile.mkstemp(dir=spool_dir, prefix="fill-")
+        fd, self.spool_path = tempfile.mkstemp(dir=spool_dir, prefix=SPOOL_PREFIX)
+        # Held for the fill's lifetime: a spool file nobody holds is a dead process's leftover.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         self._out = os.fdopen(fd, "wb")
         # Readers share one descriptor through pread; it outlives the rename at commit time and
         # is closed when the last reference to this fill (a reader's, say) is gone.
@@ -98,14 +125,15 @@ class Fill:
             self._out.close()
 
     def _fail(self, error: Exception) -> None:
+        # Gone before any reader hears of the failure: nothing of it outlives the response.
+        with suppress(FileNotFoundError):
+            os.unlink(self.spool_path)
         with self._cond:
             # A commit failure after verification leaves readers with correct bytes to finish.
             if not self._verified:
                 self.error = error
             self._started = True
             self._cond.notify_all()
-        with suppress(FileNotFoundError):
-            os.unlink(self.spool_path)
         if self._verified:
             log.error("verified blob %s could not be committed: %s", self.digest, error)
 
@@ -150,6 +178,9 @@ class BlobFills:
     def __init__(self, spool_dir: str, commit: Callable[[int, Fill], None]) -> None:
         self._spool_dir = spool_dir
         self._commit = commit
+        removed = remove_abandoned_spool_files(spool_dir)
+        if removed:
+            log.info("removed %d spool files left by interrupted fills", removed)
         self._fills: dict[tuple[int, str], Fill] = {}
         self._lock = threading.Lock()
 
