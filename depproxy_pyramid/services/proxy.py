@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,6 +110,15 @@ def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> Regist
     )
 
 
+class _KeyLock:
+    """A lock that can live in a WeakValueDictionary, so idle keys cost nothing."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
 class ProxyService:
     def __init__(
         self,
@@ -123,6 +134,10 @@ class ProxyService:
         self.session_factory = session_factory
         self.metrics = metrics
         self.fills = BlobFills(storage.spool_dir, self._commit_blob)
+        self._manifest_locks: weakref.WeakValueDictionary[tuple[int, str, str], _KeyLock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._manifest_locks_guard = threading.Lock()
 
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
@@ -148,34 +163,58 @@ class ProxyService:
     # Manifests
 
     def manifest(self, group: GroupUpstream, image: str, reference: str) -> ServedManifest:
-        is_digest = ":" in reference
+        found = self._lookup_manifest(group.group_id, image, reference)
+        if found is not None:
+            tag, cached, content = found
+            fresh = tag is None or (
+                datetime.now(UTC) - tag.revalidated_at
+                < timedelta(seconds=self.settings.freshness_seconds)
+            )
+            if fresh:
+                return ServedManifest(content, cached.content_type, cached.digest, "hit")
+            return self._revalidate(group, image, reference, cached, content)
+        # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts.
+        with self._manifest_fetch_lock((group.group_id, image, reference)):
+            found = self._lookup_manifest(group.group_id, image, reference)
+            if found is not None:
+                _, cached, content = found
+                return ServedManifest(content, cached.content_type, cached.digest, "hit")
+            return self._fetch_manifest(group, image, reference, result="miss")
+
+    @contextmanager
+    def _manifest_fetch_lock(self, key: tuple[int, str, str]) -> Iterator[None]:
+        with self._manifest_locks_guard:
+            holder = self._manifest_locks.get(key)
+            if holder is None:
+                holder = self._manifest_locks[key] = _KeyLock()
+        # This frame keeps `holder` alive, and so its dictionary entry, while it is held.
+        with holder.lock:
+            yield
+
+    def _lookup_manifest(
+        self, group_id: int, image: str, reference: str
+    ) -> tuple[CachedTag | None, CachedManifest, bytes] | None:
+        """The cached manifest for a tag or digest, with the tag row and its bytes."""
         with self._transaction() as session:
-            if is_digest:
-                tag = None
-                cached = self._cached_manifest(session, group.group_id, image, reference)
+            tag = None
+            if ":" in reference:
+                cached = self._cached_manifest(session, group_id, image, reference)
             else:
                 tag = session.scalar(
                     select(CachedTag).where(
-                        CachedTag.group_id == group.group_id,
+                        CachedTag.group_id == group_id,
                         CachedTag.image == image,
                         CachedTag.tag == reference,
                     )
                 )
-                cached = tag and self._cached_manifest(session, group.group_id, image, tag.digest)
-            cached_content = self._read_manifest(cached) if cached is not None else None
-            now = datetime.now(UTC)
-            if cached is not None and cached_content is not None:
-                self._touch(cached, now)
-
-        if cached is not None and cached_content is not None:
-            fresh = is_digest or (
-                tag is not None
-                and now - tag.revalidated_at < timedelta(seconds=self.settings.freshness_seconds)
-            )
-            if fresh:
-                return ServedManifest(cached_content, cached.content_type, cached.digest, "hit")
-            return self._revalidate(group, image, reference, cached, cached_content)
-        return self._fetch_manifest(group, image, reference, result="miss")
+                cached = tag and self._cached_manifest(session, group_id, image, tag.digest)
+            if cached is None:
+                return None
+            content = self._read_manifest(cached)
+            if content is None:
+                return None
+            self._touch(cached, datetime.now(UTC))
+            return tag, cached, content
 
     def _cached_manifest(
         self, session: Session, group_id: int, image: str, digest: str
