@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +136,24 @@ def testapp(app) -> webtest.TestApp:
 def basic(username: str, password: str) -> dict[str, str]:
     value = base64.b64encode(f"{username}:{password}".encode()).decode()
     return {"Authorization": f"Basic {value}"}
+
+
+_groups = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream_registry, tmp_path_factory):
+    """The proxy as a real server process in front of the test upstream, one per module."""
+    from tests.proxy import start_proxy
+
+    workdir = tmp_path_factory.mktemp("proxy")
+    proxy = start_proxy(workdir, f"sqlite:///{workdir / 'proxy.sqlite'}", upstream_registry.url)
+    yield proxy
+    proxy.server.stop()
+
+
+@pytest.fixture
+def group(proxy, request):
+    """A group of this test's own, so it starts with an empty cache."""
+    label = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return proxy.new_group(f"g{next(_groups)}-{label}")

@@ -8,10 +8,8 @@ image store neither leak in nor get touched. Only pulling is exercised: no conta
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -19,24 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy import PULLER, start_proxy
-
-_groups = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def proxy(upstream_registry, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("proxy-podman")
-    proxy = start_proxy(workdir, f"sqlite:///{workdir / 'proxy.sqlite'}", upstream_registry.url)
-    yield proxy
-    proxy.server.stop()
-
-
-@pytest.fixture
-def group(proxy, request):
-    """A group of this test's own, so it starts with an empty cache."""
-    label = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
-    return proxy.new_group(f"podman{next(_groups)}-{label}")
+from tests.proxy import PULLER
 
 
 class Podman:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,23 +16,6 @@ from tests.proxy import PULLER, start_proxy
 from tests.server import admin
 from tests.support.registry import skopeo_pull
 from tests.support.relay import Fault
-
-_groups = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def proxy(upstream_registry, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("proxy")
-    proxy = start_proxy(workdir, f"sqlite:///{workdir / 'proxy.sqlite'}", upstream_registry.url)
-    yield proxy
-    proxy.server.stop()
-
-
-@pytest.fixture
-def group(proxy, request):
-    """A group of this test's own, so it starts with an empty cache."""
-    label = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
-    return proxy.new_group(f"g{next(_groups)}-{label}")
 
 
 def wait_for(condition, timeout: float = 15) -> None:

@@ -318,59 +318,38 @@ class ProxyService:
             spool.write(manifest.content)
         self.storage.put_file(key, path)
         now = datetime.now(UTC)
+        self._record(
+            CachedManifest,
+            {"group_id": group_id, "image": image, "digest": manifest.digest},
+            {
+                "size": manifest.size,
+                "content_type": manifest.media_type,
+                "storage_key": key,
+                "status": CacheStatus.DEFAULT,
+                "read_at": now,
+            },
+        )
+        if ":" not in reference:
+            self._record(
+                CachedTag,
+                {"group_id": group_id, "image": image, "tag": reference},
+                {"digest": manifest.digest, "revalidated_at": now},
+            )
+
+    def _record(self, model: type, keys: dict, values: dict) -> None:
+        """Insert or update one cache row in a transaction of its own."""
         for attempt in range(2):
             try:
                 with self._transaction() as session:
-                    row = session.scalar(
-                        select(CachedManifest).where(
-                            CachedManifest.group_id == group_id,
-                            CachedManifest.image == image,
-                            CachedManifest.digest == manifest.digest,
-                        )
-                    )
+                    row = session.scalar(select(model).filter_by(**keys))
                     if row is None:
-                        session.add(
-                            CachedManifest(
-                                group_id=group_id,
-                                image=image,
-                                digest=manifest.digest,
-                                size=manifest.size,
-                                content_type=manifest.media_type,
-                                storage_key=key,
-                                status=CacheStatus.DEFAULT,
-                                read_at=now,
-                            )
-                        )
+                        session.add(model(**keys, **values))
                     else:
-                        row.size = manifest.size
-                        row.content_type = manifest.media_type
-                        row.storage_key = key
-                        row.status = CacheStatus.DEFAULT
-                        row.read_at = now
-                    if ":" not in reference:
-                        tag = session.scalar(
-                            select(CachedTag).where(
-                                CachedTag.group_id == group_id,
-                                CachedTag.image == image,
-                                CachedTag.tag == reference,
-                            )
-                        )
-                        if tag is None:
-                            session.add(
-                                CachedTag(
-                                    group_id=group_id,
-                                    image=image,
-                                    tag=reference,
-                                    digest=manifest.digest,
-                                    revalidated_at=now,
-                                )
-                            )
-                        else:
-                            tag.digest = manifest.digest
-                            tag.revalidated_at = now
+                        for name, value in values.items():
+                            setattr(row, name, value)
                 return
             except IntegrityError:
-                # Another request recorded the same manifest first; the retry updates its row.
+                # Another request inserted the same row first; the retry updates it.
                 if attempt:
                     raise
 
@@ -432,34 +411,14 @@ class ProxyService:
         key = storage_key(group_id, "blobs", fill.digest)
         self.storage.put_file(key, fill.spool_path)
         assert fill.size is not None
-        now = datetime.now(UTC)
-        for attempt in range(2):
-            try:
-                with self._transaction() as session:
-                    row = session.scalar(
-                        select(CachedBlob).where(
-                            CachedBlob.group_id == group_id, CachedBlob.digest == fill.digest
-                        )
-                    )
-                    if row is None:
-                        session.add(
-                            CachedBlob(
-                                group_id=group_id,
-                                digest=fill.digest,
-                                size=fill.size,
-                                content_type=fill.content_type,
-                                storage_key=key,
-                                status=CacheStatus.DEFAULT,
-                                read_at=now,
-                            )
-                        )
-                    else:
-                        row.size = fill.size
-                        row.content_type = fill.content_type
-                        row.storage_key = key
-                        row.status = CacheStatus.DEFAULT
-                        row.read_at = now
-                return
-            except IntegrityError:
-                if attempt:
-                    raise
+        self._record(
+            CachedBlob,
+            {"group_id": group_id, "digest": fill.digest},
+            {
+                "size": fill.size,
+                "content_type": fill.content_type,
+                "storage_key": key,
+                "status": CacheStatus.DEFAULT,
+                "read_at": datetime.now(UTC),
+            },
+        )
