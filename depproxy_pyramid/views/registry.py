@@ -131,9 +131,16 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
     group = context.group.group
     upstream = service.group_upstream(group.id, group.proxy_settings)
     access = AccessLog(request, context)
-    if context.kind == "manifests":
-        return manifest_response(request, service, upstream, context, access)
-    return blob_response(request, service, upstream, context, access)
+    kind = "manifest" if context.kind == "manifests" else "blob"
+    try:
+        if kind == "manifest":
+            return manifest_response(request, service, upstream, context, access)
+        return blob_response(request, service, upstream, context, access)
+    except RegistryError as error:
+        service.metrics.requests.labels(kind, "error").inc()
+        detail = error.detail if isinstance(error.detail, dict) else {}
+        access.write(error.status, "error", 0, detail.get("upstream_status"))
+        raise
 
 
 def manifest_response(
@@ -144,12 +151,7 @@ def manifest_response(
     access: AccessLog,
 ) -> Response:
     reference = validate_reference(context.reference)
-    try:
-        manifest = service.manifest(upstream, context.repository.image, reference)
-    except RegistryError as error:
-        service.metrics.requests.labels("manifest", "error").inc()
-        access.write(error.status, "error", 0, error.detail and error.detail.get("upstream_status"))
-        raise
+    manifest = service.manifest(upstream, context.repository.image, reference)
     service.metrics.requests.labels("manifest", manifest.result).inc()
     response = Response(body=manifest.content, charset=None)
     response.content_type = manifest.media_type
@@ -211,12 +213,7 @@ def blob_response(
         access.write(200, "miss", 0, 200)
         return response
 
-    try:
-        fill = service.blob_fill(upstream, context.repository.image, digest)
-    except RegistryError as error:
-        service.metrics.requests.labels("blob", "error").inc()
-        access.write(error.status, "error", 0, error.detail and error.detail.get("upstream_status"))
-        raise
+    fill = service.blob_fill(upstream, context.repository.image, digest)
     if fill is None:
         row = service.cached_blob(upstream.group_id, digest)
         response = row and _cached_blob_response(request, service, row, access)
@@ -286,10 +283,11 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
     try:
         first = next(chunks, None)
     except FillError as error:
-        service.metrics.requests.labels("blob", "error").inc()
-        access.write(502, "error", 0, fill.upstream_status)
         raise RegistryError(
-            502, "UNAVAILABLE", f"fetching the blob from upstream failed: {error}"
+            502,
+            "UNAVAILABLE",
+            f"fetching the blob from upstream failed: {error}",
+            {"upstream_status": fill.upstream_status},
         ) from error
     service.metrics.requests.labels("blob", "miss").inc()
 
