@@ -85,6 +85,10 @@ class UpstreamUnavailable(UpstreamError):
     """Upstream unreachable, timed out, answered 5xx or something we cannot use."""
 
 
+class UpstreamTimeout(UpstreamUnavailable):
+    """Upstream accepted the connection but did not answer within the read timeout."""
+
+
 class UpstreamRateLimited(UpstreamError):
     """Upstream answered 429; ``retry_after`` is in seconds when the upstream said."""
 
@@ -490,7 +494,7 @@ class UpstreamClient:
                     raise UpstreamUnavailable(f"cannot connect to upstream: {exc}") from exc
             except requests.Timeout as exc:
                 # A read timeout already cost the full read_timeout; retrying would double it.
-                raise UpstreamUnavailable(f"upstream timed out: {exc}") from exc
+                raise UpstreamTimeout(f"upstream timed out: {exc}") from exc
             except requests.RequestException as exc:
                 raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
             else:

@@ -24,6 +24,7 @@ from depproxy_pyramid.upstream import (
     UpstreamRateLimited,
     UpstreamRefused,
     UpstreamRegistry,
+    UpstreamTimeout,
     UpstreamUnavailable,
     parse_challenges,
 )
@@ -669,7 +670,7 @@ def test_connection_errors_are_retried_then_unavailable(rsps, client, error):
 
 def test_read_timeout_is_unavailable_without_retry(rsps, client):
     rsps.add(responses.GET, REG + MANIFEST_PATH, body=requests.exceptions.ReadTimeout("slow"))
-    with pytest.raises(UpstreamUnavailable, match="timed out"):
+    with pytest.raises(UpstreamTimeout, match="timed out"):
         client.get_manifest("library/alpine", "latest")
     assert len(rsps.calls) == 1
 

@@ -37,6 +37,7 @@ from ..upstream import (
     UpstreamRateLimited,
     UpstreamRefused,
     UpstreamRegistry,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from .fills import BlobFills, Fill
@@ -102,9 +103,7 @@ def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> Regist
         )
     if isinstance(error, UpstreamBadDigest):
         return RegistryError(502, "UNKNOWN", f"upstream sent corrupt content: {error.message}")
-    status = 504 if "timed out" in error.message.lower() else 502
-    if error.status == 503:
-        status = 503
+    status = 504 if isinstance(error, UpstreamTimeout) else 503 if error.status == 503 else 502
     return RegistryError(
         status, "UNAVAILABLE", f"the upstream registry is unavailable: {error.message}", detail
     )
