@@ -7,6 +7,7 @@ from pyramid.router import Router
 
 from .security import SecurityPolicy
 from .settings import parse_settings
+from .views.errors import add_error_views
 
 
 def includeme(config: Configurator) -> None:
@@ -19,8 +20,9 @@ def includeme(config: Configurator) -> None:
 
 
 def main(global_config: dict, **settings: str) -> Router:
-    """The standalone application, with the add-on's own security policy."""
+    """The standalone application: the add-on owns every URL, and brings its security policy."""
     with Configurator(settings=settings) as config:
         config.include(includeme)
         config.set_security_policy(SecurityPolicy(config.registry["depproxy.settings"]))
+        add_error_views(config)
     return config.make_wsgi_app()

@@ -1,6 +1,9 @@
 from pyramid.config import Configurator
 from pyramid.events import NewResponse
 
+from ..errors import RegistryError
+from .errors import ADDON_PATHS, add_error_views, registry_error_view
+
 
 def _api_version_header(event: NewResponse) -> None:
     path = event.request.path_info
@@ -14,4 +17,6 @@ def includeme(config: Configurator) -> None:
     config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
     config.add_route("depproxy.metrics", "/-/metrics")
     config.add_subscriber(_api_version_header, NewResponse)
+    config.add_exception_view(registry_error_view, RegistryError)
+    add_error_views(config, path_info=ADDON_PATHS)
     config.scan(".")

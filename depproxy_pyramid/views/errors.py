@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPException
 from pyramid.request import Request
 from pyramid.response import Response
-from pyramid.view import exception_view_config, forbidden_view_config, notfound_view_config
 
 from ..errors import RegistryError
 from ..permissions import Permission
@@ -46,12 +46,10 @@ def unauthorized(request: Request, message: str, scope: str | None = None) -> Re
     )
 
 
-@exception_view_config(RegistryError)
 def registry_error_view(error: RegistryError, request: Request) -> Response:
     return registry_response(request, error)
 
 
-@forbidden_view_config()
 def forbidden_view(request: Request) -> Response:
     context = request.context
     repository = getattr(context, "repository", None)
@@ -84,14 +82,12 @@ def forbidden_view(request: Request) -> Response:
     return registry_response(request, error)
 
 
-@notfound_view_config()
 def notfound_view(request: Request) -> Response:
     return registry_response(
         request, RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": request.path[:300]})
     )
 
 
-@exception_view_config(HTTPException)
 def http_exception_view(exc: HTTPException, request: Request) -> Response:
     return registry_response(
         request,
@@ -99,9 +95,21 @@ def http_exception_view(exc: HTTPException, request: Request) -> Response:
     )
 
 
-@exception_view_config(Exception)
 def unexpected_error_view(exc: Exception, request: Request) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.path_qs[:500])
     return registry_response(
         request, RegistryError(500, "UNKNOWN", "internal error; the details are in the server log")
     )
+
+
+# The add-on's own URL space; a host portal keeps its error pages everywhere else.
+ADDON_PATHS = r"^/(v2|jwt|-)(/|$)"
+
+
+def add_error_views(config: Configurator, path_info: str | None = None) -> None:
+    """Registry JSON for Pyramid's and unexpected errors under `path_info` (None: everywhere)."""
+    predicates = {"path_info": path_info} if path_info else {}
+    config.add_forbidden_view(forbidden_view, **predicates)
+    config.add_notfound_view(notfound_view, **predicates)
+    config.add_exception_view(http_exception_view, HTTPException, **predicates)
+    config.add_exception_view(unexpected_error_view, Exception, **predicates)
