@@ -52,8 +52,7 @@ def pull(proxy, group, image, dest, **kw):
         ("schema2/app:1.0", "application/vnd.docker.distribution.manifest.v2+json", False),
     ],
 )
-def test_pull_is_byte_identical(proxy, upstream, group, tmp_path, image, media_type,
-                                all_platforms):
+def test_pull_is_byte_identical(proxy, upstream, group, tmp_path, image, media_type, all_platforms):
     repo, _, tag = image.partition(":")
     pull(proxy, group, image, tmp_path / "pulled", all=all_platforms)
 
@@ -204,8 +203,7 @@ def test_concurrent_cold_pulls_fetch_each_blob_once(proxy, upstream, group, tmp_
     image = "big/image:1.0"
     with ThreadPoolExecutor(8) as pool:
         results = list(
-            pool.map(lambda i: pull(proxy, group, image, tmp_path / f"p{i}", check=False),
-                     range(8))
+            pool.map(lambda i: pull(proxy, group, image, tmp_path / f"p{i}", check=False), range(8))
         )
     assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
     fetches = upstream.relay.blob_fetches()
@@ -242,21 +240,30 @@ def test_client_disconnect_does_not_abort_the_fill(proxy, upstream, group):
 @pytest.mark.parametrize("cached", [False, True])
 def test_range_requests(proxy, upstream, group, cached):
     layer = upstream.images["library/alpine:3.20"].source.layers[-1]
-    whole = upstream.registry.admin_client().request(
-        "GET", f"/v2/library/alpine/blobs/{layer.digest}"
-    ).content
+    whole = (
+        upstream.registry.admin_client()
+        .request("GET", f"/v2/library/alpine/blobs/{layer.digest}")
+        .content
+    )
     if cached:
         assert proxy.get(group, "library/alpine", "blobs", layer.digest).content == whole
-    answer = proxy.get(group, "library/alpine", "blobs", layer.digest,
-                       headers={"Range": "bytes=10-99"})
+    answer = proxy.get(
+        group, "library/alpine", "blobs", layer.digest, headers={"Range": "bytes=10-99"}
+    )
     assert answer.status_code == 206
     assert answer.content == whole[10:100]
     assert answer.headers["Content-Range"] == f"bytes 10-99/{len(whole)}"
-    suffix = proxy.get(group, "library/alpine", "blobs", layer.digest,
-                       headers={"Range": "bytes=-16"})
+    suffix = proxy.get(
+        group, "library/alpine", "blobs", layer.digest, headers={"Range": "bytes=-16"}
+    )
     assert suffix.status_code == 206 and suffix.content == whole[-16:]
-    beyond = proxy.get(group, "library/alpine", "blobs", layer.digest,
-                       headers={"Range": f"bytes={len(whole) + 10}-"})
+    beyond = proxy.get(
+        group,
+        "library/alpine",
+        "blobs",
+        layer.digest,
+        headers={"Range": f"bytes={len(whole) + 10}-"},
+    )
     assert beyond.status_code == 416
     assert beyond.headers["Content-Range"] == f"bytes */{len(whole)}"
     assert beyond.json()["errors"][0]["code"]
@@ -296,8 +303,9 @@ def test_private_upstream_repository_needs_group_credentials(proxy, upstream, gr
     assert "upstream credentials" in denied.json()["errors"][0]["message"]
 
     username, password = upstream.private_credentials
-    result = admin(proxy.ini, "proxy", "credentials", group, "--username", username,
-                   stdin=password + "\n")
+    result = admin(
+        proxy.ini, "proxy", "credentials", group, "--username", username, stdin=password + "\n"
+    )
     assert result.returncode == 0, result.stderr
     pull(proxy, group, f"{image}:1.0", tmp_path / "pulled")
     assert proxy.get(group, image, "manifests", "1.0").content == (
@@ -355,10 +363,11 @@ def test_pull_on_postgresql(upstream, postgres_database, tmp_path):
         proxy.server.stop()
 
 
-
 def test_fresh_tags_skip_revalidation(upstream, tmp_path):
     proxy = start_proxy(
-        tmp_path, f"sqlite:///{tmp_path / 'fresh.sqlite'}", upstream.url,
+        tmp_path,
+        f"sqlite:///{tmp_path / 'fresh.sqlite'}",
+        upstream.url,
         **{"depproxy.manifest.freshness_seconds": "300"},
     )
     try:
@@ -369,5 +378,35 @@ def test_fresh_tags_skip_revalidation(upstream, tmp_path):
         again = proxy.get(group, "library/alpine", "manifests", "latest")
         assert again.content == first.content
         assert upstream.relay.count(kind="manifest") == 0
+    finally:
+        proxy.server.stop()
+
+
+def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
+    """Each request holds at most one pooled connection at a time, so a pool smaller than the
+    server's thread count only queues requests, never deadlocks them."""
+    proxy = start_proxy(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'pool.sqlite'}",
+        upstream.url,
+        **{
+            "sqlalchemy.pool_size": "2",
+            "sqlalchemy.max_overflow": "0",
+            "sqlalchemy.pool_timeout": "5",
+        },
+    )
+    try:
+        group = proxy.new_group("pool")
+        token = proxy.token(group, "library/alpine")
+        url = f"{proxy.url}/v2/{group}/dependency_proxy/containers/library/alpine/manifests/latest"
+
+        def get(_):
+            return requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+        assert get(0).status_code == 200
+        with ThreadPoolExecutor(16) as pool:
+            statuses = [answer.status_code for answer in pool.map(get, range(64))]
+        assert statuses == [200] * 64
+        assert "QueuePool limit" not in proxy.server.log()
     finally:
         proxy.server.stop()

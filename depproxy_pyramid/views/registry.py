@@ -119,6 +119,17 @@ class CountedBody:
         self._on_close(self)
 
 
+def release_request_connection(request: Request) -> None:
+    """End the request's transaction once authorization is done.
+
+    The proxy service runs short transactions of its own; were the request to keep its pooled
+    connection while waiting for one of those, a full pool of such requests would wait on each
+    other until the pool timeout.
+    """
+    request.tm.commit()
+    request.tm.begin()
+
+
 def _service(request: Request) -> ProxyService:
     return request.registry["depproxy.proxy"]
 
@@ -131,6 +142,7 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
     group = context.group.group
     upstream = service.group_upstream(group.id, group.proxy_settings)
     access = AccessLog(request, context)
+    release_request_connection(request)
     kind = "manifest" if context.kind == "manifests" else "blob"
     try:
         if kind == "manifest":
