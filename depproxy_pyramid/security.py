@@ -16,7 +16,7 @@ from pyramid.security import Denied
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .credentials import burn_password_check, token_digest, verify_password
+from .credentials import RecentlyVerified, burn_password_check, token_digest
 from .models import DeployToken, Membership, PersonalAccessToken, Role, Scope, User
 from .permissions import INSTANCE_ADMIN, Permission, deploy_token_principal, member_principal
 from .settings import Settings
@@ -25,6 +25,8 @@ JWT_ISSUER = "depproxy-pyramid"
 JWT_AUDIENCE = "dependency_proxy"
 MAX_BASIC_HEADER = 4096
 TOKEN_ROUTE = "depproxy.jwt_auth"
+
+_recently_verified = RecentlyVerified()
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def authenticate_basic(dbsession: Session, username: str, password: str) -> Iden
             return None
         pat.last_used_at = datetime.now(UTC)
         return user_identity(dbsession, user, pat.scope_set, via="personal_access_token")
-    if verify_password(password, user.password_hash):
+    if _recently_verified.verify(password, user.password_hash):
         return user_identity(dbsession, user, frozenset(Scope), via="password")
     return None
 
