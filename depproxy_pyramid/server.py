@@ -42,14 +42,41 @@ class PlainHTTPChannel(HTTPChannel):
         return super().received(data)
 
     def _flush_some(self, do_close: bool = True) -> bool:
-        # Called with outbuf_lock held, like waitress's own.
-        sent = self._sendfile_some(do_close)
-        return super()._flush_some(do_close) or sent
+        """Waitress's own loop over its output buffers, with sendfile for file buffers.
 
-    def _sendfile_some(self, do_close: bool) -> bool:
-        outbuf = self.outbufs[0]
-        if not isinstance(outbuf, ReadOnlyFileBasedBuffer) or not hasattr(outbuf.file, "fileno"):
-            return False
+        Called with `outbuf_lock` held. Returns whether anything was sent.
+        """
+        sent = False
+        while True:
+            outbuf = self.outbufs[0]
+            if isinstance(outbuf, ReadOnlyFileBasedBuffer) and hasattr(outbuf.file, "fileno"):
+                sent = self._sendfile(outbuf, do_close) or sent
+                blocked = outbuf.remain > 0
+            else:
+                blocked = False
+                remaining = outbuf.__len__()  # len() overflows past 2**31 on 32-bit builds
+                while remaining > 0:
+                    count = self.send(outbuf.get(self.sendbuf_len), do_close=do_close)
+                    if not count:
+                        blocked = True
+                        break
+                    outbuf.skip(count, True)
+                    remaining -= count
+                    self.total_outbufs_len -= count
+                    sent = True
+            if blocked or len(self.outbufs) == 1:
+                break
+            # The last buffer always stays: it is the one the task thread appends to.
+            finished = self.outbufs.pop(0)
+            try:
+                finished.close()
+            except Exception:
+                self.logger.exception("Unexpected error when closing an outbuf")
+        if sent:
+            self.last_activity = time.time()
+        return sent
+
+    def _sendfile(self, outbuf: ReadOnlyFileBasedBuffer, do_close: bool) -> bool:
         sent = False
         while outbuf.remain > 0:
             offset = outbuf.file.tell()
@@ -60,19 +87,26 @@ class PlainHTTPChannel(HTTPChannel):
             except BlockingIOError:
                 break
             except OSError as error:
-                if error.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN):
-                    if do_close:
-                        self.handle_close()
-                    break
-                raise
+                if error.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise
+                self._abandon(outbuf, do_close)
+                break
             if count == 0:
+                # The file is shorter than the response announced: the client must not wait.
+                self._abandon(outbuf, do_close=True)
                 break
             outbuf.file.seek(offset + count)
             outbuf.remain -= count
             self.total_outbufs_len -= count
-            self.last_activity = time.time()
             sent = True
         return sent
+
+    def _abandon(self, outbuf: ReadOnlyFileBasedBuffer, do_close: bool) -> None:
+        """Nothing more of this buffer can be sent; waitress must not read the file for it."""
+        self.total_outbufs_len -= outbuf.remain
+        outbuf.remain = 0
+        if do_close:
+            self.handle_close()
 
 
 def serve(app, global_conf: dict, **settings: str) -> None:

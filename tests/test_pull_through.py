@@ -229,7 +229,14 @@ def test_client_disconnect_does_not_abort_the_fill(proxy, upstream, group):
         assert sock.recv(65536)
     wait_for(lambda: proxy.cached_blobs(group) == 1, timeout=60)
     upstream.relay.reset_counts()
+    # A client leaving a cached blob half read does not disturb the server either.
+    with socket.create_connection(("127.0.0.1", proxy.server.port)) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        )
+        assert sock.recv(65536)
     answer = proxy.get(group, "big/image", "blobs", layer.digest, stream=True)
+    assert int(answer.headers["Content-Length"]) == layer.size
     digest = hashlib.sha256()
     for chunk in answer.iter_content(1 << 20):
         digest.update(chunk)
