@@ -48,6 +48,18 @@ def opener(digest: str = DIGEST):
     return lambda: client.open_blob("library/app", digest)
 
 
+def upstream_held_until_released() -> threading.Event:
+    """The upstream answers the blob only once the returned event is set."""
+    gate = threading.Event()
+
+    def held(request):
+        gate.wait(5)
+        return 200, {"Content-Length": str(len(BODY))}, BODY
+
+    responses.add_callback(responses.GET, blob_url(), callback=held)
+    return gate
+
+
 def start(fills: BlobFills, digest: str = DIGEST):
     fill = fills.join_or_start(1, digest, lambda: False, opener(digest))
     fill.wait_started()
@@ -136,13 +148,7 @@ def test_a_cached_blob_starts_no_fill(fills):
 
 @responses.activate
 def test_concurrent_joiners_share_one_transfer(fills, committed):
-    gate = threading.Event()
-
-    def slow_body(request):
-        gate.wait(5)
-        return 200, {"Content-Length": str(len(BODY))}, BODY
-
-    responses.add_callback(responses.GET, blob_url(), callback=slow_body)
+    gate = upstream_held_until_released()
     results: list[bytes] = []
     lock = threading.Lock()
 
@@ -169,13 +175,7 @@ def test_concurrent_joiners_share_one_transfer(fills, committed):
 
 @responses.activate
 def test_spool_files_of_dead_fills_are_removed_at_start(tmp_path, committed):
-    gate = threading.Event()
-
-    def slow_body(request):
-        gate.wait(5)
-        return 200, {"Content-Length": str(len(BODY))}, BODY
-
-    responses.add_callback(responses.GET, blob_url(), callback=slow_body)
+    gate = upstream_held_until_released()
     abandoned = tmp_path / "fill-abandoned"
     abandoned.write_bytes(b"half a layer")
     fills = BlobFills(str(tmp_path), committed)
