@@ -34,6 +34,7 @@ class Settings:
     freshness_seconds: int
     upstream_connect_timeout: float
     upstream_read_timeout: float
+    upstream_revalidate_timeout: float
     raw: Mapping[str, str] = field(repr=False)
 
 
@@ -128,6 +129,9 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         ),
         upstream_read_timeout=_number(
             settings, "depproxy.upstream.read_timeout", 30.0, minimum=0.1, kind=float
+        ),
+        upstream_revalidate_timeout=_number(
+            settings, "depproxy.upstream.revalidate_timeout", 5.0, minimum=0.1, kind=float
         ),
         raw=dict(settings),
     )

@@ -368,12 +368,23 @@ class UpstreamClient:
     # -- public API --------------------------------------------------------------------------
 
     def head_manifest(
-        self, name: str, reference: str, credentials: Credentials | None = None
+        self,
+        name: str,
+        reference: str,
+        credentials: Credentials | None = None,
+        read_timeout: float | None = None,
     ) -> ManifestRef:
+        """The manifest's digest, type and size; `read_timeout` overrides the client's own for
+        this request (a caller holding a cached copy would rather not wait long)."""
         _check_name(name)
         by_digest = _is_digest(reference)
         resp = self._registry_request(
-            "HEAD", name, f"manifests/{reference}", credentials, {"Accept": MANIFEST_ACCEPT}
+            "HEAD",
+            name,
+            f"manifests/{reference}",
+            credentials,
+            {"Accept": MANIFEST_ACCEPT},
+            read_timeout=read_timeout,
         )
         resp.close()
         _raise_for_status(resp, _manifest_label(name, reference))
@@ -476,8 +487,15 @@ class UpstreamClient:
 
     # -- HTTP plumbing -----------------------------------------------------------------------
 
-    def _send(self, method: str, url: str, headers: Mapping[str, str]) -> requests.Response:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        read_timeout: float | None = None,
+    ) -> requests.Response:
         """One request with bounded retries; only called before any body reaches the caller."""
+        timeout = self._timeout if read_timeout is None else (self._timeout[0], read_timeout)
         attempt = 1
         while True:
             try:
@@ -485,7 +503,7 @@ class UpstreamClient:
                     method,
                     url,
                     headers=headers,
-                    timeout=self._timeout,
+                    timeout=timeout,
                     stream=True,
                     allow_redirects=False,
                 )
@@ -512,6 +530,7 @@ class UpstreamClient:
         path: str,
         credentials: Credentials | None,
         headers: Mapping[str, str],
+        read_timeout: float | None = None,
     ) -> requests.Response:
         """Send to ``/v2/<name>/<path>``, handling auth challenges and redirects.
 
@@ -520,17 +539,17 @@ class UpstreamClient:
         creds = credentials if credentials is not None else self.credentials
         url = f"{self.base_url}/v2/{name}/{path}"
         authorization = self._cached_authorization(name, creds)
-        resp = self._send(method, url, {**headers, **authorization})
+        resp = self._send(method, url, {**headers, **authorization}, read_timeout)
         if resp.status_code == 401:
             resp.close()
             authorization = self._authorize(name, creds, resp, authorization)
-            resp = self._send(method, url, {**headers, **authorization})
+            resp = self._send(method, url, {**headers, **authorization}, read_timeout)
             if resp.status_code == 401 and authorization["Authorization"].startswith("Basic "):
                 resp.close()
                 raise UpstreamAuthFailed(
                     f"upstream {self.host} rejected the configured credentials", status=401
                 )
-        return self._follow_redirects(method, resp, headers, authorization)
+        return self._follow_redirects(method, resp, headers, authorization, read_timeout)
 
     def _follow_redirects(
         self,
@@ -538,6 +557,7 @@ class UpstreamClient:
         resp: requests.Response,
         headers: Mapping[str, str],
         authorization: Mapping[str, str],
+        read_timeout: float | None = None,
     ) -> requests.Response:
         # Followed by hand because Docker Hub sends blob GETs to a CDN: we decide per hop
         # whether the registry's Authorization may go along (same origin only).
@@ -554,7 +574,12 @@ class UpstreamClient:
             if urlsplit(url).scheme not in ("http", "https"):
                 raise UpstreamUnavailable(f"refusing redirect to non-http URL {url!r}")
             same_origin = _origin(url) == self._origin
-            resp = self._send(method, url, {**headers, **authorization} if same_origin else headers)
+            resp = self._send(
+                method,
+                url,
+                {**headers, **authorization} if same_origin else headers,
+                read_timeout,
+            )
         if _origin(resp.url) != self._origin and resp.status_code in (401, 403):
             resp.close()
             # A storage backend refusing the URL the registry handed us says nothing about

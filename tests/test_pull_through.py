@@ -417,3 +417,33 @@ def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
         assert "QueuePool limit" not in proxy.server.log()
     finally:
         proxy.server.stop()
+
+
+def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path):
+    proxy = start_proxy(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'slow.sqlite'}",
+        upstream.url,
+        **{"depproxy.upstream.revalidate_timeout": "0.5"},
+    )
+    try:
+        group = proxy.new_group("slow")
+        first = proxy.get(group, "library/alpine", "manifests", "latest")
+        assert first.status_code == 200
+        token = proxy.token(group, "library/alpine")
+        upstream.relay.slow_seconds = 5
+        upstream.relay.set_mode(Fault.SLOW)
+        started = time.monotonic()
+        again = requests.get(
+            f"{proxy.url}/v2/{group}/dependency_proxy/containers/library/alpine/manifests/latest",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+        assert again.status_code == 200
+        assert again.content == first.content
+        assert elapsed < 3, elapsed
+        assert "result=stale" in proxy.server.log()
+    finally:
+        upstream.relay.slow_seconds = 1.0
+        proxy.server.stop()

@@ -253,7 +253,12 @@ class ProxyService:
     ) -> ServedManifest:
         client, name = self._resolve(image)
         try:
-            current = client.head_manifest(name, tag, credentials=group.credentials)
+            current = client.head_manifest(
+                name,
+                tag,
+                credentials=group.credentials,
+                read_timeout=self.settings.upstream_revalidate_timeout,
+            )
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             log.warning(
