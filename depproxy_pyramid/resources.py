@@ -56,9 +56,13 @@ class GroupResource:
 
 
 class RepositoryResource:
-    """One proxied image inside a group; it inherits the group's ACL."""
+    """One proxied image inside a group; it inherits the group's ACL.
 
-    def __init__(self, repository: Repository, group: GroupResource) -> None:
+    `group` is None when no such group exists: then nothing is allowed, and the forbidden view
+    answers as it does for a group the caller may not see.
+    """
+
+    def __init__(self, repository: Repository, group: GroupResource | None) -> None:
         self.repository = repository
         self.group = group
         self.__name__ = repository.image
@@ -66,7 +70,7 @@ class RepositoryResource:
 
     @property
     def __acl__(self) -> list:
-        return self.group.__acl__
+        return self.group.__acl__ if self.group is not None else [DENY_ALL]
 
 
 class Root:

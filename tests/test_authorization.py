@@ -196,3 +196,15 @@ def test_a_token_for_one_repository_does_not_open_another(testapp, world):
     )
     assert response.status_int == 401
     assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("identity", ["admin", "stranger"])
+def test_registry_answers_unknown_groups_like_invisible_ones(testapp, world, identity):
+    name = repository("no-such-group").name
+    token = testapp.get("/jwt/auth", headers=headers_for(world, identity)).json["token"]
+    response = testapp.get(
+        f"/v2/{name}/manifests/latest", headers={"Authorization": f"Bearer {token}"},
+        expect_errors=True,
+    )
+    assert (response.status_int, response.json["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
+    assert testapp.get(f"/v2/{name}/manifests/latest", expect_errors=True).status_int == 401

@@ -26,22 +26,12 @@ PULL_METHODS = ("GET", "HEAD")
 
 
 class RegistryTarget(RepositoryResource):
-    """A manifest or blob of a proxied image; `group` is None when the group does not exist."""
+    """A manifest or blob of a proxied image."""
 
     def __init__(self, repository, group, kind: str, reference: str) -> None:
+        super().__init__(repository, group)
         self.kind = kind
         self.reference = reference
-        if group is None:
-            self.repository = repository
-            self.group = None
-            self.__name__ = repository.image
-            self.__parent__ = None
-        else:
-            super().__init__(repository, group)
-
-    @property
-    def __acl__(self) -> list:
-        return self.group.__acl__ if self.group is not None else []
 
 
 def registry_factory(request: Request) -> RegistryTarget:
