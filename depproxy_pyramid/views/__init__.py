@@ -3,6 +3,7 @@ from pyramid.events import NewResponse
 
 from ..errors import RegistryError
 from .errors import ADDON_PATHS, add_error_views, registry_error_view
+from .registry import log_refused_request
 
 
 def _api_version_header(event: NewResponse) -> None:
@@ -17,6 +18,7 @@ def includeme(config: Configurator) -> None:
     config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
     config.add_route("depproxy.metrics", "/-/metrics")
     config.add_subscriber(_api_version_header, NewResponse)
+    config.add_subscriber(log_refused_request, NewResponse)
     config.add_exception_view(registry_error_view, RegistryError)
     add_error_views(config, path_info=ADDON_PATHS)
     config.scan(".")

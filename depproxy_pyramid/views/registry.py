@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pyramid.events import NewResponse
 from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.view import view_config
@@ -23,6 +24,7 @@ from ..storage import BlobNotFound
 log = logging.getLogger("depproxy_pyramid.access")
 
 PULL_METHODS = ("GET", "HEAD")
+ACCESS_LOGGED = "depproxy.access_logged"
 
 
 class RegistryTarget(RepositoryResource):
@@ -57,6 +59,7 @@ class AccessLog:
     """One structured line per registry request, written when its body is done."""
 
     def __init__(self, request: Request, context: RegistryTarget) -> None:
+        request.environ[ACCESS_LOGGED] = True
         self.started = time.monotonic()
         self.fields = {
             "method": request.method,
@@ -77,6 +80,23 @@ class AccessLog:
             "duration_ms": round((time.monotonic() - self.started) * 1000),
         }
         log.info(" ".join(f"{key}={value}" for key, value in fields.items()))
+
+
+def log_refused_request(event: NewResponse) -> None:
+    """The access-log line of a registry request refused before the view ran."""
+    request = event.request
+    if request.environ.get(ACCESS_LOGGED) or not request.path_info.startswith("/v2/"):
+        return
+    if request.path_info == "/v2/":
+        return
+    identity = getattr(request, "identity", None)
+    log.info(
+        "method=%s path=%s status=%d result=refused user=%s",
+        request.method,
+        request.path_info[:300].encode("unicode_escape").decode("ascii"),
+        event.response.status_int,
+        identity.name if identity else "-",
+    )
 
 
 class CountedBody:
