@@ -347,7 +347,7 @@ def test_access_log_and_metrics(proxy, upstream, group, tmp_path):
     assert requests.get(f"{proxy.url}{refused}\n", timeout=10).status_code == 401
     log = proxy.server.log()
     assert f"group={group} image=library/alpine kind=manifests reference=3.20" in log
-    assert f"method=GET path={refused}\\n status=401 result=refused user=-" in log
+    assert f"method=GET path={refused}\\n status=401 result=refused" in log
     assert "result=miss" in log and "result=hit" in log
     metrics = requests.get(f"{proxy.url}/-/metrics", timeout=10).text
     for name in (

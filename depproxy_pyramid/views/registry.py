@@ -89,13 +89,12 @@ def log_refused_request(event: NewResponse) -> None:
         return
     if request.path_info == "/v2/":
         return
-    identity = getattr(request, "identity", None)
+    # No user field: this runs after the request's transaction, too late to look one up.
     log.info(
-        "method=%s path=%s status=%d result=refused user=%s",
+        "method=%s path=%s status=%d result=refused",
         request.method,
         request.path_info[:300].encode("unicode_escape").decode("ascii"),
         event.response.status_int,
-        identity.name if identity else "-",
     )
 
 
