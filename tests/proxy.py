@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,18 @@ class Proxy:
             timeout=kw.pop("timeout", 60),
             **kw,
         )
+
+
+@contextmanager
+def running_proxy(
+    workdir: Path, database_url: str, upstream_url: str, **extra: str
+) -> Iterator[Proxy]:
+    """A proxy of a test's own, with settings of its own, stopped when the test is done."""
+    proxy = start_proxy(workdir, database_url, upstream_url, **extra)
+    try:
+        yield proxy
+    finally:
+        proxy.server.stop()
 
 
 def start_proxy(workdir: Path, database_url: str, upstream_url: str, **extra: str) -> Proxy:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.proxy import PULLER, start_proxy
+from tests.proxy import PULLER, running_proxy
 from tests.server import admin
 from tests.support.registry import skopeo_pull
 from tests.support.relay import Fault
@@ -361,26 +361,22 @@ def test_access_log_and_metrics(proxy, upstream, group, tmp_path):
 
 
 def test_pull_on_postgresql(upstream, postgres_database, tmp_path):
-    proxy = start_proxy(tmp_path, postgres_database(), upstream.url)
-    try:
+    with running_proxy(tmp_path, postgres_database(), upstream.url) as proxy:
         group = proxy.new_group("pg")
         pull(proxy, group, "dockerlist/app:1.0", tmp_path / "pulled", all=True)
         assert proxy.cached_manifests(group) == 3
         upstream.relay.reset_counts()
         pull(proxy, group, "dockerlist/app:1.0", tmp_path / "again", all=True)
         assert upstream.relay.count(method="GET", kind="blob") == 0
-    finally:
-        proxy.server.stop()
 
 
 def test_fresh_tags_skip_revalidation(upstream, tmp_path):
-    proxy = start_proxy(
+    with running_proxy(
         tmp_path,
         f"sqlite:///{tmp_path / 'fresh.sqlite'}",
         upstream.url,
         **{"depproxy.manifest.freshness_seconds": "300"},
-    )
-    try:
+    ) as proxy:
         group = proxy.new_group("fresh")
         first = proxy.get(group, "library/alpine", "manifests", "latest")
         assert first.status_code == 200
@@ -388,14 +384,12 @@ def test_fresh_tags_skip_revalidation(upstream, tmp_path):
         again = proxy.get(group, "library/alpine", "manifests", "latest")
         assert again.content == first.content
         assert upstream.relay.count(kind="manifest") == 0
-    finally:
-        proxy.server.stop()
 
 
 def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
     """Each request holds at most one pooled connection at a time, so a pool smaller than the
     server's thread count only queues requests, never deadlocks them."""
-    proxy = start_proxy(
+    with running_proxy(
         tmp_path,
         f"sqlite:///{tmp_path / 'pool.sqlite'}",
         upstream.url,
@@ -404,8 +398,7 @@ def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
             "sqlalchemy.max_overflow": "0",
             "sqlalchemy.pool_timeout": "5",
         },
-    )
-    try:
+    ) as proxy:
         group = proxy.new_group("pool")
         token = proxy.token(group, "library/alpine")
         url = f"{proxy.url}/v2/{group}/dependency_proxy/containers/library/alpine/manifests/latest"
@@ -418,23 +411,20 @@ def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
             statuses = [answer.status_code for answer in pool.map(get, range(64))]
         assert statuses == [200] * 64
         assert "QueuePool limit" not in proxy.server.log()
-    finally:
-        proxy.server.stop()
 
 
-def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path):
-    proxy = start_proxy(
+def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path, monkeypatch):
+    with running_proxy(
         tmp_path,
         f"sqlite:///{tmp_path / 'slow.sqlite'}",
         upstream.url,
         **{"depproxy.upstream.revalidate_timeout": "0.5"},
-    )
-    try:
+    ) as proxy:
         group = proxy.new_group("slow")
         first = proxy.get(group, "library/alpine", "manifests", "latest")
         assert first.status_code == 200
         token = proxy.token(group, "library/alpine")
-        upstream.relay.slow_seconds = 5
+        monkeypatch.setattr(upstream.relay, "slow_seconds", 5)
         upstream.relay.set_mode(Fault.SLOW)
         started = time.monotonic()
         again = requests.get(
@@ -447,6 +437,3 @@ def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path):
         assert again.content == first.content
         assert elapsed < 3, elapsed
         assert "result=stale" in proxy.server.log()
-    finally:
-        upstream.relay.slow_seconds = 1.0
-        proxy.server.stop()
