@@ -1,4 +1,8 @@
-"""Named permissions and the principals group ACLs are written in."""
+"""Named permissions and the principals group ACLs are written in.
+
+Every principal the add-on grants starts with `depproxy:`, and only the add-on's own policy
+hands them out: a host principal such as `role:admin` means nothing here.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,17 @@ class Permission(enum.StrEnum):
     ADMINISTER = "dependency_proxy:administer"
 
 
-INSTANCE_ADMIN = "role:admin"
+INSTANCE_ADMIN = "depproxy:admin"
 
 
-def member_principal(group_id: int, role: Role) -> str:
-    """Held by members of `group_id` whose role is at least `role`."""
-    return f"group:{group_id}:{role.name.lower()}"
+def account_principal(account_id: str) -> str:
+    return f"depproxy:account:{account_id}"
 
 
-def deploy_token_principal(group_id: int) -> str:
-    return f"group:{group_id}:deploy"
+def member_principal(group_path: str, role: Role) -> str:
+    """Held by members of the group at `group_path` whose role is at least `role`."""
+    return f"depproxy:group:{group_path}:{role.name.lower()}"
+
+
+def deploy_token_principal(group_path: str) -> str:
+    return f"depproxy:group:{group_path}:deploy"

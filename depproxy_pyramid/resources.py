@@ -39,12 +39,16 @@ class GroupResource:
         acl.append((Allow, INSTANCE_ADMIN, ALL_PERMISSIONS))
         for group in self.ancestors:
             acl.append(
-                (Allow, member_principal(group.id, Role.GUEST), (Permission.VIEW, Permission.PULL))
+                (
+                    Allow,
+                    member_principal(group.path, Role.GUEST),
+                    (Permission.VIEW, Permission.PULL),
+                )
             )
             acl.append(
-                (Allow, deploy_token_principal(group.id), (Permission.VIEW, Permission.PULL))
+                (Allow, deploy_token_principal(group.path), (Permission.VIEW, Permission.PULL))
             )
-            acl.append((Allow, member_principal(group.id, Role.OWNER), Permission.ADMINISTER))
+            acl.append((Allow, member_principal(group.path, Role.OWNER), Permission.ADMINISTER))
         if self.group.visibility == Visibility.PUBLIC:
             acl.append((Allow, Everyone, Permission.VIEW))
             acl.append((Allow, Authenticated, Permission.PULL))
@@ -83,7 +87,7 @@ class Root:
 
     @property
     def dbsession(self) -> Session:
-        return self.request.dbsession
+        return self.request.depproxy_dbsession
 
     def find(self, path: str) -> GroupResource:
         """The group at `path`; KeyError (a 404) when the path is malformed or unknown."""

@@ -1,9 +1,15 @@
-"""Who is asking: HTTP Basic on the token endpoint, Bearer JWTs on the registry API."""
+"""Who is asking on the add-on's URLs: HTTP Basic on the token endpoint, Bearer JWTs on `/v2`.
+
+A Pyramid application has one security policy. The add-on's `SecurityPolicy` judges the add-on's
+URLs only; `HostAndAddonPolicy` puts it beside whatever policy the host portal has (or none), so
+the host's URLs keep theirs and the add-on's never depend on the host having one.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -11,29 +17,45 @@ from datetime import UTC, datetime
 
 import jwt
 from pyramid.authorization import ACLHelper, Authenticated, Everyone
+from pyramid.config import PHASE2_CONFIG, Configurator
+from pyramid.events import ApplicationCreated
+from pyramid.interfaces import ISecurityPolicy
 from pyramid.request import Request, RequestLocalCache
-from pyramid.security import Denied
+from pyramid.security import Allowed, Denied
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from .credentials import RecentlyVerified, burn_password_check, token_digest
-from .models import DeployToken, Membership, PersonalAccessToken, Role, Scope, User
-from .permissions import INSTANCE_ADMIN, Permission, deploy_token_principal, member_principal
+from .accounts import Account, IAccountSource, valid_account, valid_memberships
+from .credentials import token_digest
+from .models import DeployToken, Role, Scope
+from .permissions import (
+    INSTANCE_ADMIN,
+    Permission,
+    account_principal,
+    deploy_token_principal,
+    member_principal,
+)
 from .settings import Settings
 
 JWT_ISSUER = "depproxy-pyramid"
 JWT_AUDIENCE = "dependency_proxy"
 MAX_BASIC_HEADER = 4096
-TOKEN_ROUTE = "depproxy.jwt_auth"
+TOKEN_PATH = "/jwt/auth"
+# The add-on's own URLs: the registry API (clients require it at the root), the token endpoint
+# and the metrics. Everything else belongs to the host.
+ADDON_PATHS = r"^/v2(/|$)|^/jwt/auth$|^/-/metrics$"
+_ADDON_PATHS_RE = re.compile(ADDON_PATHS)
 
-_recently_verified = RecentlyVerified()
+
+def is_addon_path(request: Request) -> bool:
+    # The raw WSGI value: decoding a malformed path must not fail here, before any view.
+    return _ADDON_PATHS_RE.match(request.environ.get("PATH_INFO", "")) is not None
 
 
 @dataclass(frozen=True)
 class Identity:
-    """An authenticated user or deploy token, and what its credential may be used for."""
+    """An authenticated account or deploy token, and what its credential may be used for."""
 
-    user: User | None
+    account: Account | None
     deploy_token: DeployToken | None
     scopes: frozenset[str]
     principals: tuple[str, ...]
@@ -43,15 +65,15 @@ class Identity:
 
     @property
     def name(self) -> str:
-        if self.user is not None:
-            return self.user.username
+        if self.account is not None:
+            return self.account.name
         assert self.deploy_token is not None
         return self.deploy_token.username
 
     @property
     def subject(self) -> str:
-        if self.user is not None:
-            return f"user:{self.user.id}"
+        if self.account is not None:
+            return f"account:{self.account.id}"
         assert self.deploy_token is not None
         return f"deploy_token:{self.deploy_token.id}"
 
@@ -63,23 +85,22 @@ def _is_live(expires_at: datetime | None, revoked: bool) -> bool:
     return not revoked and (expires_at is None or expires_at > datetime.now(UTC))
 
 
-def _user_principals(dbsession: Session, user: User) -> list[str]:
-    principals = [f"user:{user.id}"]
-    if user.is_admin:
+def _account_sources(request: Request) -> IAccountSource:
+    return request.registry.getUtility(IAccountSource)
+
+
+def account_identity(request: Request, account: Account, via: str) -> Identity:
+    principals = [account_principal(account.id)]
+    if account.is_admin:
         principals.append(INSTANCE_ADMIN)
-    for group_id, role in dbsession.execute(
-        select(Membership.group_id, Membership.role).where(Membership.user_id == user.id)
-    ):
-        principals.extend(member_principal(group_id, r) for r in Role if r <= role)
-    return principals
-
-
-def user_identity(dbsession: Session, user: User, scopes: frozenset[str], via: str) -> Identity:
+    memberships = valid_memberships(_account_sources(request).memberships(request, account))
+    for path, role in memberships.items():
+        principals.extend(member_principal(path, r) for r in Role if r <= role)
     return Identity(
-        user=user,
+        account=account,
         deploy_token=None,
-        scopes=scopes,
-        principals=tuple(_user_principals(dbsession, user)),
+        scopes=frozenset(account.scopes),
+        principals=tuple(principals),
         via=via,
     )
 
@@ -87,12 +108,12 @@ def user_identity(dbsession: Session, user: User, scopes: frozenset[str], via: s
 def deploy_token_identity(token: DeployToken) -> Identity:
     scopes = token.scope_set
     principals = (
-        (f"deploy_token:{token.id}", deploy_token_principal(token.group_id))
+        (f"depproxy:deploy_token:{token.id}", deploy_token_principal(token.group.path))
         if Scope.READ_REGISTRY in scopes
-        else (f"deploy_token:{token.id}",)
+        else (f"depproxy:deploy_token:{token.id}",)
     )
     return Identity(
-        user=None, deploy_token=token, scopes=scopes, principals=principals, via="deploy_token"
+        account=None, deploy_token=token, scopes=scopes, principals=principals, via="deploy_token"
     )
 
 
@@ -111,36 +132,21 @@ def parse_basic(header: str) -> tuple[str, str] | None:
     return username, password
 
 
-def authenticate_basic(dbsession: Session, username: str, password: str) -> Identity | None:
-    """A password, a personal access token or a deploy token; None when none of them match."""
-    deploy_token = dbsession.scalar(select(DeployToken).where(DeployToken.username == username))
+def authenticate_basic(request: Request, username: str, password: str) -> Identity | None:
+    """A group deploy token, or whatever the account source signs in; None when neither does."""
+    deploy_token = request.depproxy_dbsession.scalar(
+        select(DeployToken).where(DeployToken.username == username)
+    )
     if deploy_token is not None:
         if secrets.compare_digest(deploy_token.token_digest, token_digest(password)) and _is_live(
             deploy_token.expires_at, deploy_token.revoked
         ):
             return deploy_token_identity(deploy_token)
         return None
-
-    user = dbsession.scalar(select(User).where(User.username == username))
-    if user is None:
-        burn_password_check(password)
+    account = valid_account(_account_sources(request).authenticate(request, username, password))
+    if account is None:
         return None
-    if not user.is_active:
-        return None
-    pat = dbsession.scalar(
-        select(PersonalAccessToken).where(
-            PersonalAccessToken.token_digest == token_digest(password),
-            PersonalAccessToken.user_id == user.id,
-        )
-    )
-    if pat is not None:
-        if not _is_live(pat.expires_at, pat.revoked):
-            return None
-        pat.last_used_at = datetime.now(UTC)
-        return user_identity(dbsession, user, pat.scope_set, via="personal_access_token")
-    if _recently_verified.verify(password, user.password_hash):
-        return user_identity(dbsession, user, frozenset(Scope), via="password")
-    return None
+    return account_identity(request, account, via="password")
 
 
 def issue_jwt(
@@ -191,30 +197,32 @@ def _granted(claims: dict) -> frozenset[tuple[str, str]] | None:
     return frozenset(granted)
 
 
-def bearer_identity(dbsession: Session, settings: Settings, token: str) -> Identity | None:
+def bearer_identity(request: Request, settings: Settings, token: str) -> Identity | None:
     claims = decode_jwt(settings, token)
     if claims is None:
         return None
     access = _granted(claims)
-    kind, _, raw_id = str(claims["sub"]).partition(":")
-    if access is None or not raw_id.isdigit():
+    kind, _, subject_id = str(claims["sub"]).partition(":")
+    if access is None or not subject_id:
         return None
     # Bearer tokens only ever carry pull grants; they never administer anything.
     scopes = frozenset({Scope.READ_REGISTRY.value})
-    if kind == "user":
-        user = dbsession.get(User, int(raw_id))
-        if user is None or not user.is_active:
+    if kind == "account":
+        # Looked up again on every request: a disabled account or a removed membership
+        # takes effect at once, not when the token expires.
+        account = valid_account(_account_sources(request).account(request, subject_id))
+        if account is None:
             return None
-        identity = user_identity(dbsession, user, scopes, via="bearer")
-    elif kind == "deploy_token":
-        deploy_token = dbsession.get(DeployToken, int(raw_id))
+        identity = account_identity(request, account, via="bearer")
+    elif kind == "deploy_token" and subject_id.isdigit():
+        deploy_token = request.depproxy_dbsession.get(DeployToken, int(subject_id))
         if deploy_token is None or not _is_live(deploy_token.expires_at, deploy_token.revoked):
             return None
         identity = deploy_token_identity(deploy_token)
     else:
         return None
     return Identity(
-        user=identity.user,
+        account=identity.account,
         deploy_token=identity.deploy_token,
         scopes=identity.scopes & scopes,
         principals=identity.principals,
@@ -224,7 +232,7 @@ def bearer_identity(dbsession: Session, settings: Settings, token: str) -> Ident
 
 
 class SecurityPolicy:
-    """Basic credentials on the token endpoint, Bearer JWTs everywhere else."""
+    """The add-on's URLs: Basic credentials on the token endpoint, Bearer JWTs on `/v2`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -232,16 +240,15 @@ class SecurityPolicy:
         self.identity_cache = RequestLocalCache(self._load_identity)
 
     def _load_identity(self, request: Request) -> Identity | None:
+        # Decided by path, not by route: pyramid_tm may ask who this is before routing.
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        route = request.matched_route
-        on_token_endpoint = route is not None and route.name == TOKEN_ROUTE
-        if on_token_endpoint and scheme.lower() == "basic":
-            credentials = parse_basic(header)
-            if credentials is not None:
-                return authenticate_basic(request.dbsession, *credentials)
-        elif not on_token_endpoint and scheme.lower() == "bearer" and value.strip():
-            return bearer_identity(request.dbsession, self.settings, value.strip())
+        path = request.environ.get("PATH_INFO", "")
+        if path == TOKEN_PATH:
+            credentials = parse_basic(header) if scheme.lower() == "basic" else None
+            return authenticate_basic(request, *credentials) if credentials else None
+        if path.startswith("/v2") and scheme.lower() == "bearer" and value.strip():
+            return bearer_identity(request, self.settings, value.strip())
         return None
 
     def identity(self, request: Request) -> Identity | None:
@@ -280,3 +287,73 @@ class SecurityPolicy:
 
     def forget(self, request: Request, **kw) -> list:
         return []
+
+
+class HostAndAddonPolicy:
+    """The add-on's policy on the add-on's URLs, the host's policy (or none) everywhere else.
+
+    Attributes the host's own code reads from its policy are passed through to it.
+    """
+
+    def __init__(self, addon: SecurityPolicy, host: object | None) -> None:
+        self.addon = addon
+        self.host = host
+
+    def _policy(self, request: Request):
+        return self.addon if is_addon_path(request) else self.host
+
+    def identity(self, request: Request):
+        policy = self._policy(request)
+        return policy.identity(request) if policy is not None else None
+
+    def authenticated_userid(self, request: Request):
+        policy = self._policy(request)
+        return policy.authenticated_userid(request) if policy is not None else None
+
+    def permits(self, request: Request, context: object, permission: str):
+        policy = self._policy(request)
+        if policy is None:
+            # What Pyramid itself answers for a host without a policy.
+            return Allowed("No security policy in use.")
+        return policy.permits(request, context, permission)
+
+    def remember(self, request: Request, userid, **kw) -> list:
+        policy = self._policy(request)
+        return policy.remember(request, userid, **kw) if policy is not None else []
+
+    def forget(self, request: Request, **kw) -> list:
+        policy = self._policy(request)
+        return policy.forget(request, **kw) if policy is not None else []
+
+    def __getattr__(self, name: str):
+        host = self.__dict__.get("host")
+        if host is None:
+            raise AttributeError(name)
+        return getattr(host, name)
+
+
+def _compose(registry, addon: SecurityPolicy) -> None:
+    host = registry.queryUtility(ISecurityPolicy)
+    if isinstance(host, HostAndAddonPolicy):
+        host = host.host
+    registry.registerUtility(HostAndAddonPolicy(addon, host), ISecurityPolicy)
+
+
+def includeme(config: Configurator) -> None:
+    addon = SecurityPolicy(config.registry["depproxy.settings"])
+    # Views capture the registered policy when they are configured (PHASE3); a host sets its
+    # own in PHASE2, whether before or after the include. Composing in between means every
+    # view, the add-on's and the host's, sees both.
+    config.action(
+        ("depproxy", "security policy"),
+        lambda: _compose(config.registry, addon),
+        order=PHASE2_CONFIG + 1,
+    )
+
+    def recompose(event: ApplicationCreated) -> None:
+        # A host that set its policy in a later commit replaced the composed one.
+        policy = event.app.registry.queryUtility(ISecurityPolicy)
+        if not isinstance(policy, HostAndAddonPolicy):
+            _compose(event.app.registry, addon)
+
+    config.add_subscriber(recompose, ApplicationCreated)

@@ -90,9 +90,11 @@ def _registries(settings: Mapping[str, str], key: str) -> dict[str, str]:
 def parse_settings(settings: Mapping[str, str]) -> Settings:
     """Validate the `depproxy.*` keys; raise ConfigurationError naming the first bad key."""
     development = _bool(settings, "depproxy.development", False)
-    url = (settings.get("sqlalchemy.url") or "").strip()
+    url = (settings.get("depproxy.sqlalchemy.url") or settings.get("sqlalchemy.url") or "").strip()
     if not url:
-        raise ConfigurationError("sqlalchemy.url", "is required")
+        raise ConfigurationError(
+            "sqlalchemy.url", "is required (or depproxy.sqlalchemy.url, for a database of its own)"
+        )
     secret = (settings.get("depproxy.jwt.secret") or "").strip()
     if not secret:
         if not development:

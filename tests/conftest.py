@@ -14,11 +14,10 @@ import pytest
 import sqlalchemy as sa
 import transaction
 import webtest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 from depproxy_pyramid import main
+from depproxy_pyramid.migrations import upgrade
 from depproxy_pyramid.models import get_engine, get_session_factory, get_tm_session
 
 pytest_plugins = ["tests.support.fixtures", "tests.support_s3"]
@@ -30,18 +29,12 @@ POSTGRES_URL = os.environ.get(
 JWT_SECRET = "test-secret-" + "x" * 40
 
 
-def alembic_config(connection: sa.Connection) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.attributes["connection"] = connection
-    return config
-
-
-def migrate(url: str, revision: str = "head") -> None:
+def migrate(url: str) -> None:
     engine = get_engine({"sqlalchemy.url": url})
-    with engine.begin() as connection:
-        command.upgrade(alembic_config(connection), revision)
-    engine.dispose()
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
 
 
 def _postgres_admin_engine() -> sa.Engine:

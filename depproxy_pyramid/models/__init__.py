@@ -42,6 +42,8 @@ __all__ = [
     "Scope",
     "User",
     "Visibility",
+    "database_prefix",
+    "engine_from_settings",
     "get_engine",
     "get_session_factory",
     "get_tm_session",
@@ -59,11 +61,21 @@ def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
     cursor.close()
 
 
+def database_prefix(settings: Mapping[str, str]) -> str:
+    """`depproxy.sqlalchemy.` when the add-on has a database of its own, else the host's."""
+    return "depproxy.sqlalchemy." if settings.get("depproxy.sqlalchemy.url") else "sqlalchemy."
+
+
 def get_engine(settings: Mapping[str, str], prefix: str = "sqlalchemy.") -> Engine:
     engine = engine_from_config(dict(settings), prefix)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def engine_from_settings(settings: Mapping[str, str]) -> Engine:
+    """The engine of the add-on's database, from an app's (or host portal's) settings."""
+    return get_engine(settings, database_prefix(settings))
 
 
 def get_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -82,23 +94,19 @@ def get_tm_session(
 
 
 def includeme(config: Configurator) -> None:
-    settings = config.get_settings()
-    settings["tm.manager_hook"] = "pyramid_tm.explicit_manager"
-    # Annotating would resolve the identity before routing, when the policy cannot yet tell
-    # the token endpoint (Basic) from the registry API (Bearer).
-    settings["tm.annotate_user"] = False
-    config.include("pyramid_tm")
+    """`request.depproxy_dbsession`, joined to the request's transaction.
 
-    engine = get_engine(settings)
+    Whatever transaction manager the host chose (pyramid_tm's thread-local default or
+    `explicit_manager`) is the one the add-on's session joins: the host's `tm.*` settings and
+    its own `request.dbsession` stay as they are.
+    """
+    config.include("pyramid_tm")
+    engine = engine_from_settings(config.get_settings())
     session_factory = get_session_factory(engine)
     config.registry["depproxy.dbsession_factory"] = session_factory
     config.registry["depproxy.dbengine"] = engine
 
-    def dbsession(request: Request) -> Session:
-        # Tests may hand in their own session bound to a rolled-back outer transaction.
-        session = request.environ.get("app.dbsession")
-        if session is None:
-            session = get_tm_session(session_factory, request.tm, request=request)
-        return session
+    def depproxy_dbsession(request: Request) -> Session:
+        return get_tm_session(session_factory, request.tm, request=request)
 
-    config.add_request_method(dbsession, reify=True)
+    config.add_request_method(depproxy_dbsession, reify=True)

@@ -40,11 +40,11 @@ class Scope(enum.StrEnum):
 
 
 class Group(Base):
-    __tablename__ = "groups"
+    __tablename__ = "depproxy_groups"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     parent_id: Mapped[int | None] = mapped_column(
-        ForeignKey("groups.id", ondelete="CASCADE"), index=True
+        ForeignKey("depproxy_groups.id", ondelete="CASCADE"), index=True
     )
     # The full slash-separated path is stored so a nested group resolves with one lookup.
     path: Mapped[str] = mapped_column(String(255), unique=True)
@@ -67,7 +67,7 @@ class Group(Base):
 
 
 class User(Base):
-    __tablename__ = "users"
+    __tablename__ = "depproxy_users"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(255), unique=True)
@@ -78,12 +78,14 @@ class User(Base):
 
 
 class Membership(Base):
-    __tablename__ = "memberships"
+    __tablename__ = "depproxy_memberships"
     __table_args__ = (UniqueConstraint("group_id", "user_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("depproxy_groups.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("depproxy_users.id", ondelete="CASCADE"), index=True
+    )
     role: Mapped[Role] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -92,10 +94,12 @@ class Membership(Base):
 
 
 class PersonalAccessToken(Base):
-    __tablename__ = "personal_access_tokens"
+    __tablename__ = "depproxy_personal_access_tokens"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("depproxy_users.id", ondelete="CASCADE"), index=True
+    )
     name: Mapped[str] = mapped_column(String(255))
     # SHA-256 hex of the secret: the secret itself is shown once and never stored.
     token_digest: Mapped[str] = mapped_column(String(64), unique=True)
@@ -113,10 +117,12 @@ class PersonalAccessToken(Base):
 
 
 class DeployToken(Base):
-    __tablename__ = "deploy_tokens"
+    __tablename__ = "depproxy_deploy_tokens"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), index=True)
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("depproxy_groups.id", ondelete="CASCADE"), index=True
+    )
     name: Mapped[str] = mapped_column(String(255))
     username: Mapped[str] = mapped_column(String(255), unique=True)
     token_digest: Mapped[str] = mapped_column(String(64), unique=True)
@@ -133,10 +139,10 @@ class DeployToken(Base):
 
 
 class ProxySettings(Base):
-    __tablename__ = "dependency_proxy_group_settings"
+    __tablename__ = "depproxy_group_settings"
 
     group_id: Mapped[int] = mapped_column(
-        ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+        ForeignKey("depproxy_groups.id", ondelete="CASCADE"), primary_key=True
     )
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     upstream_username: Mapped[str | None] = mapped_column(String(255))
@@ -148,10 +154,10 @@ class ProxySettings(Base):
 
 
 class ImageTtlPolicy(Base):
-    __tablename__ = "dependency_proxy_image_ttl_group_policies"
+    __tablename__ = "depproxy_image_ttl_policies"
 
     group_id: Mapped[int] = mapped_column(
-        ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+        ForeignKey("depproxy_groups.id", ondelete="CASCADE"), primary_key=True
     )
     enabled: Mapped[bool] = mapped_column(Boolean, default=False)
     ttl_days: Mapped[int] = mapped_column(Integer, default=90)

@@ -32,14 +32,14 @@ def _status_column() -> Mapped[CacheStatus]:
 
 
 class CachedBlob(Base):
-    __tablename__ = "dependency_proxy_blobs"
+    __tablename__ = "depproxy_blobs"
     __table_args__ = (
         UniqueConstraint("group_id", "digest"),
-        Index("ix_dependency_proxy_blobs_group_status_read", "group_id", "status", "read_at"),
+        Index("ix_depproxy_blobs_group_status_read", "group_id", "status", "read_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    group_id: Mapped[int] = mapped_column(ForeignKey("depproxy_groups.id", ondelete="CASCADE"))
     digest: Mapped[str] = mapped_column(String(135))
     size: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(255))
@@ -53,14 +53,14 @@ class CachedBlob(Base):
 class CachedManifest(Base):
     """A manifest's exact bytes, cached per image by digest (digests never change content)."""
 
-    __tablename__ = "dependency_proxy_manifests"
+    __tablename__ = "depproxy_manifests"
     __table_args__ = (
         UniqueConstraint("group_id", "image", "digest"),
-        Index("ix_dependency_proxy_manifests_group_status_read", "group_id", "status", "read_at"),
+        Index("ix_depproxy_manifests_group_status_read", "group_id", "status", "read_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    group_id: Mapped[int] = mapped_column(ForeignKey("depproxy_groups.id", ondelete="CASCADE"))
     image: Mapped[str] = mapped_column(String(255))
     digest: Mapped[str] = mapped_column(String(135))
     size: Mapped[int] = mapped_column(BigInteger)
@@ -75,11 +75,11 @@ class CachedManifest(Base):
 class CachedTag(Base):
     """Where a tag pointed when upstream last confirmed it."""
 
-    __tablename__ = "dependency_proxy_tags"
+    __tablename__ = "depproxy_tags"
     __table_args__ = (UniqueConstraint("group_id", "image", "tag"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"))
+    group_id: Mapped[int] = mapped_column(ForeignKey("depproxy_groups.id", ondelete="CASCADE"))
     image: Mapped[str] = mapped_column(String(255))
     tag: Mapped[str] = mapped_column(String(128))
     digest: Mapped[str] = mapped_column(String(135))

@@ -8,9 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from alembic import command as alembic_command
-from alembic.config import Config as AlembicConfig
-from pyramid.paster import bootstrap, setup_logging
+from pyramid.paster import bootstrap, get_appsettings, setup_logging
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -23,6 +21,7 @@ from ..credentials import (
     new_token,
     token_digest,
 )
+from ..migrations import upgrade
 from ..models import (
     DeployToken,
     Group,
@@ -33,8 +32,10 @@ from ..models import (
     Scope,
     User,
     Visibility,
+    engine_from_settings,
 )
 from ..names import group_path_problem
+from ..settings import parse_settings
 
 MAX_PASSWORD = 1024
 
@@ -195,7 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("config_uri", help="the ini file, e.g. production.ini")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("initdb", help="create or upgrade the schema (alembic upgrade head)")
+    commands.add_parser(
+        "initdb", help="create or upgrade the add-on's tables (its own migrations, to head)"
+    )
 
     user = commands.add_parser("user").add_subparsers(dest="action", required=True)
     add = user.add_parser("add", help="add a user; the password is read from standard input")
@@ -248,9 +251,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def initdb(config_file: str) -> str:
-    alembic_command.upgrade(AlembicConfig(config_file), "head")
-    return "database schema is up to date"
+def initdb(config_uri: str) -> str:
+    """Run the add-on's own migrations on its database; a host ini's `[alembic]` plays no part."""
+    settings = get_appsettings(config_uri)
+    parse_settings(settings)
+    engine = engine_from_settings(settings)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    return f"dependency proxy schema is up to date ({engine.url.render_as_string()})"
 
 
 def run(argv: Sequence[str] | None = None) -> str:
@@ -258,14 +268,14 @@ def run(argv: Sequence[str] | None = None) -> str:
     config_file = args.config_uri.partition("#")[0]
     if args.command == "initdb":
         setup_logging(config_file)
-        return initdb(config_file)
+        return initdb(args.config_uri)
     handler: Callable[[Session, argparse.Namespace, object], str] = args.handler
     with bootstrap(args.config_uri) as env:
         request = env["request"]
         settings = env["registry"]["depproxy.settings"]
         with request.tm:
-            output = handler(request.dbsession, args, settings)
-            request.dbsession.flush()
+            output = handler(request.depproxy_dbsession, args, settings)
+            request.depproxy_dbsession.flush()
         return output
 
 

@@ -2,19 +2,23 @@ from pyramid.config import Configurator
 from pyramid.events import NewResponse
 
 from ..errors import RegistryError
-from .errors import ADDON_PATHS, add_error_views, registry_error_view
+from ..security import ADDON_PATHS, is_addon_path
+from .errors import add_error_views, registry_error_view
 from .registry import log_refused_request
 
 
 def _api_version_header(event: NewResponse) -> None:
-    path = event.request.path_info
-    if path.startswith(("/v2/", "/jwt/")) or path == "/v2":
+    if is_addon_path(event.request) and not event.request.path_info.startswith("/-/"):
         event.response.headers["Docker-Distribution-Api-Version"] = "registry/2.0"
 
 
 def includeme(config: Configurator) -> None:
+    # Registry clients look for the API at the root, whatever prefix a host included us under.
+    config.route_prefix = None
     config.add_route("depproxy.jwt_auth", "/jwt/auth")
     config.add_route("depproxy.v2_base", "/v2/")
+    # Hosts with a trailing-slash normaliser send clients from `/v2/` to `/v2`.
+    config.add_route("depproxy.v2_base_bare", "/v2")
     config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
     config.add_route("depproxy.metrics", "/-/metrics")
     config.add_subscriber(_api_version_header, NewResponse)

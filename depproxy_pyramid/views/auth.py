@@ -81,6 +81,7 @@ def jwt_auth(request: Request) -> dict:
 
 
 @view_config(route_name="depproxy.v2_base", request_method=("GET", "HEAD"))
+@view_config(route_name="depproxy.v2_base_bare", request_method=("GET", "HEAD"))
 def v2_base(request: Request) -> Response:
     if request.identity is None:
         raise unauthorized(

@@ -102,10 +102,6 @@ def unexpected_error_view(exc: Exception, request: Request) -> Response:
     )
 
 
-# The add-on's own URL space; a host portal keeps its error pages everywhere else.
-ADDON_PATHS = r"^/(v2|jwt|-)(/|$)"
-
-
 def add_error_views(config: Configurator, path_info: str | None = None) -> None:
     """Registry JSON for Pyramid's and unexpected errors under `path_info` (None: everywhere)."""
     predicates = {"path_info": path_info} if path_info else {}
