@@ -116,9 +116,20 @@ def database(request, tmp_path_factory, postgres_database) -> Iterator[Database]
     db.engine.dispose()
 
 
+@pytest.fixture(scope="module", params=["standalone", "embedded"])
+def app_kind(request) -> str:
+    """The standalone app, or the add-on inside a host portal with a policy of its own."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def app(database, tmp_path_factory):
-    return main({}, **app_settings(database.url, tmp_path_factory.mktemp("storage")))
+def app(app_kind, database, tmp_path_factory):
+    settings = app_settings(database.url, tmp_path_factory.mktemp("storage"))
+    if app_kind == "standalone":
+        return main({}, **settings)
+    from tests.hosts import cookiecutter
+
+    return cookiecutter.make_app({**settings, "auth.secret": "host-secret"}, with_addon=True)
 
 
 @pytest.fixture

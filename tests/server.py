@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -22,17 +23,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_ini(path: Path, settings: Mapping[str, str], port: int) -> Path:
+def write_ini(
+    path: Path,
+    settings: Mapping[str, str],
+    port: int,
+    app_use: str = "egg:depproxy-pyramid",
+    extra_sections: str = "",
+) -> Path:
     app = "\n".join(f"{key} = {value}" for key, value in settings.items())
-    root = Path(__file__).resolve().parent.parent
     path.write_text(
         f"""[app:main]
-use = egg:depproxy-pyramid
+use = {app_use}
 {app}
-
-[alembic]
-script_location = {root / "alembic"}
-
+{extra_sections}
 [server:main]
 use = egg:depproxy-pyramid#main
 listen = 127.0.0.1:{port}
@@ -77,14 +80,19 @@ def admin(ini: Path, *args: str, stdin: str | None = None) -> subprocess.Complet
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
 class ServerProcess:
-    """`pserve INI` in its own process group; stopped with SIGTERM, then SIGKILL."""
+    """`pserve INI` (or another command serving on `port`) in its own process group; stopped
+    with SIGTERM, then SIGKILL."""
 
-    def __init__(self, ini: Path, port: int, log_path: Path) -> None:
+    def __init__(
+        self, ini: Path | None, port: int, log_path: Path, command: list[str] | None = None
+    ) -> None:
         self.ini = ini
+        self.command = command or [str(BIN / "pserve"), str(ini)]
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -93,11 +101,12 @@ class ServerProcess:
     def start(self, timeout: float = 30) -> ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child for its lifetime
         self.process = subprocess.Popen(
-            [str(BIN / "pserve"), str(self.ini)],
+            self.command,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # The repository root on the path: test hosts live in the `tests` package.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
         )
         log.close()
         deadline = time.monotonic() + timeout
