@@ -231,3 +231,26 @@ def test_the_registry_api_stays_at_the_root_under_a_route_prefix(database, world
     assert app.get("/v2/", status=401).json["errors"][0]["code"] == "UNAUTHORIZED"
     assert app.get("/v2", status=401).json["errors"][0]["code"] == "UNAUTHORIZED"
     assert app.get("/portal/v2/", status=404).text == "portal 404"
+
+
+def test_a_host_default_permission_and_root_factory_do_not_reach_the_addon(
+    database, world, tmp_path
+):
+    def refusing_root(request):
+        raise RuntimeError("the host's root factory ran for a registry URL")
+
+    def arrange(config: Configurator) -> None:
+        config.set_root_factory(refusing_root)
+        config.set_default_permission("portal:view")
+        config.set_security_policy(HeaderPolicy())
+        _with_addon(config)
+
+    app = _host(database, tmp_path, arrange)
+    assert app.get("/v2/", status=401).json["errors"][0]["code"] == "UNAUTHORIZED"
+    token = app.get(
+        "/jwt/auth",
+        params={"scope": f"repository:{PRIVATE}:pull"},
+        headers=basic("guest", PASSWORD),
+    ).json["token"]
+    assert app.get("/v2/", headers={"Authorization": f"Bearer {token}"}).status_int == 200
+    assert app.get("/-/metrics").content_type == "text/plain"

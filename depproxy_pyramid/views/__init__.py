@@ -15,12 +15,14 @@ def _api_version_header(event: NewResponse) -> None:
 def includeme(config: Configurator) -> None:
     # Registry clients look for the API at the root, whatever prefix a host included us under.
     config.route_prefix = None
-    config.add_route("depproxy.jwt_auth", "/jwt/auth")
-    config.add_route("depproxy.v2_base", "/v2/")
+    # Our own root factory on every route: a host's may query its own tables, or refuse.
+    root = "..resources.root_factory"
+    config.add_route("depproxy.jwt_auth", "/jwt/auth", factory=root)
+    config.add_route("depproxy.v2_base", "/v2/", factory=root)
     # Hosts with a trailing-slash normaliser send clients from `/v2/` to `/v2`.
-    config.add_route("depproxy.v2_base_bare", "/v2")
+    config.add_route("depproxy.v2_base_bare", "/v2", factory=root)
     config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
-    config.add_route("depproxy.metrics", "/-/metrics")
+    config.add_route("depproxy.metrics", "/-/metrics", factory=root)
     config.add_subscriber(_api_version_header, NewResponse)
     config.add_subscriber(log_refused_request, NewResponse)
     config.add_exception_view(registry_error_view, RegistryError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pyramid.request import Request
 from pyramid.response import Response
+from pyramid.security import NO_PERMISSION_REQUIRED
 from pyramid.view import view_config
 
 from ..errors import RegistryError
@@ -43,7 +44,13 @@ def _requested_scopes(request: Request) -> list[tuple[Repository, set[str]]]:
     return requested
 
 
-@view_config(route_name="depproxy.jwt_auth", request_method="GET", renderer="json")
+# Open views say so: a host's default permission must not close them.
+@view_config(
+    route_name="depproxy.jwt_auth",
+    request_method="GET",
+    renderer="json",
+    permission=NO_PERMISSION_REQUIRED,
+)
 def jwt_auth(request: Request) -> dict:
     identity = request.identity
     if identity is None:
@@ -80,8 +87,16 @@ def jwt_auth(request: Request) -> dict:
     }
 
 
-@view_config(route_name="depproxy.v2_base", request_method=("GET", "HEAD"))
-@view_config(route_name="depproxy.v2_base_bare", request_method=("GET", "HEAD"))
+@view_config(
+    route_name="depproxy.v2_base",
+    request_method=("GET", "HEAD"),
+    permission=NO_PERMISSION_REQUIRED,
+)
+@view_config(
+    route_name="depproxy.v2_base_bare",
+    request_method=("GET", "HEAD"),
+    permission=NO_PERMISSION_REQUIRED,
+)
 def v2_base(request: Request) -> Response:
     if request.identity is None:
         raise unauthorized(

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pyramid.events import NewResponse
 from pyramid.request import Request
 from pyramid.response import Response
+from pyramid.security import NO_PERMISSION_REQUIRED
 from pyramid.view import view_config
 
 from ..errors import RegistryError, unsupported
@@ -324,7 +325,9 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
     return response
 
 
-@view_config(route_name="depproxy.metrics", request_method="GET")
+@view_config(
+    route_name="depproxy.metrics", request_method="GET", permission=NO_PERMISSION_REQUIRED
+)
 def metrics_view(request: Request) -> Response:
     metrics = _service(request).metrics
     response = Response(body=generate_latest(metrics.registry))
