@@ -1,11 +1,20 @@
 """The schema exists only through Alembic: upgrade and downgrade on SQLite and PostgreSQL."""
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from depproxy_pyramid.migrations import VERSION_TABLE, current_revision, downgrade, upgrade
-from depproxy_pyramid.models import Base, get_engine
+from depproxy_pyramid.migrations import (
+    LEGACY_TABLES,
+    VERSION_TABLE,
+    current_revision,
+    downgrade,
+    upgrade,
+)
+from depproxy_pyramid.models import Base, Group, get_engine
+from tests.conftest import Database
 
 TABLES = {
     "depproxy_groups",
@@ -47,3 +56,98 @@ def test_every_table_index_and_constraint_name_is_prefixed():
             assert "depproxy_" in str(constraint.name), (table.name, constraint.name)
         for index in table.indexes:
             assert "depproxy_" in str(index.name), (table.name, index.name)
+
+
+def _create_legacy_schema(connection: sa.Connection) -> None:
+    """Version 0.1's tables: today's columns under the old names, versioned in alembic_version."""
+    legacy = sa.MetaData()
+    for table in Base.metadata.sorted_tables:
+        columns = []
+        for column in table.columns:
+            references = [
+                sa.ForeignKey(
+                    f"{OLD_NAMES[key.column.table.name]}.{key.column.name}", ondelete="CASCADE"
+                )
+                for key in column.foreign_keys
+            ]
+            columns.append(
+                sa.Column(
+                    column.name,
+                    column.type,
+                    *references,
+                    primary_key=column.primary_key,
+                    nullable=column.nullable,
+                )
+            )
+        sa.Table(OLD_NAMES[table.name], legacy, *columns)
+    legacy.create_all(connection)
+    connection.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+    connection.execute(sa.text("INSERT INTO alembic_version VALUES ('0001')"))
+
+
+OLD_NAMES = {new: old for old, new in LEGACY_TABLES.items()}
+
+
+def test_a_version_0_1_database_is_adopted_with_every_row(empty_database_url):
+    engine = get_engine({"sqlalchemy.url": empty_database_url})
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as connection:
+            _create_legacy_schema(connection)
+            connection.execute(
+                sa.text(
+                    "INSERT INTO groups (id, parent_id, path, name, visibility, created_at) "
+                    "VALUES (7, NULL, 'acme', 'acme', 'private', :now), "
+                    "(9, 7, 'acme/web', 'web', 'private', :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO users (id, username, password_hash, is_admin, is_active, "
+                    "created_at) VALUES (3, 'alice', 'scrypt$x', false, true, :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO memberships (id, group_id, user_id, role, created_at) "
+                    "VALUES (1, 9, 3, 30, :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO dependency_proxy_blobs (id, group_id, digest, size, "
+                    "content_type, storage_key, status, created_at, updated_at, read_at) VALUES "
+                    "(5, 9, 'sha256:ab', 2, 'application/octet-stream', '9/blobs/ab', "
+                    "'default', :now, :now, :now)"
+                ),
+                {"now": now},
+            )
+
+        upgrade(engine)
+
+        with engine.connect() as connection:
+            assert set(sa.inspect(connection).get_table_names()) == TABLES | {VERSION_TABLE}
+            assert connection.execute(
+                sa.text("SELECT id, parent_id, path FROM depproxy_groups ORDER BY id")
+            ).all() == [(7, None, "acme"), (9, 7, "acme/web")]
+            assert connection.execute(
+                sa.text("SELECT group_id, user_id, role FROM depproxy_memberships")
+            ).all() == [(9, 3, 30)]
+            assert connection.execute(
+                sa.text("SELECT id, storage_key FROM depproxy_blobs")
+            ).all() == [(5, "9/blobs/ab")]
+        assert current_revision(engine) == "0001"
+        # New rows get ids after the adopted ones.
+        manager, session = Database(empty_database_url).session()
+        with manager:
+            group = Group(path="next", name="next")
+            session.add(group)
+            session.flush()
+            assert group.id > 9
+        upgrade(engine)  # and once adopted, upgrading again changes nothing
+        assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
