@@ -182,6 +182,46 @@ def _in_code_script(app: webtest.TestApp) -> list:
     return seen
 
 
+PORTAL_USERS = {"alice": "alice-password-1", "bob": "bob-password-1"}
+
+
+def _prepare_portal(database_url: str) -> None:
+    """The example portal's tables; alice is a developer of acme, bob a portal admin."""
+    from portal.models import Base as PortalBase
+    from portal.models import PortalUser, RegistryTeam, hash_password
+
+    engine = sa.create_engine(database_url)
+    PortalBase.metadata.create_all(engine)
+    with engine.begin() as connection:
+        for name, role in (("alice", "member"), ("bob", "admin")):
+            connection.execute(
+                sa.insert(PortalUser).values(
+                    username=name, role=role, password_hash=hash_password(PORTAL_USERS[name])
+                )
+            )
+        alice = connection.execute(
+            sa.select(PortalUser.id).where(PortalUser.username == "alice")
+        ).scalar_one()
+        connection.execute(
+            sa.insert(RegistryTeam).values(user_id=alice, group_path="acme", role="developer")
+        )
+    engine.dispose()
+
+
+def _portal_admin(app: webtest.TestApp) -> dict[str, str]:
+    form = app.get("/login").forms[0]
+    form["username"], form["password"] = "bob", PORTAL_USERS["bob"]
+    assert form.submit().status_int == 303
+    return {}
+
+
+def _portal_app(settings: dict, with_addon: bool):
+    from portal import main as portal_main
+
+    assert with_addon, "the example portal always includes the add-on"
+    return portal_main({}, **settings)
+
+
 HOSTS = {
     "cookiecutter": Host(
         name="cookiecutter",
@@ -216,7 +256,20 @@ HOSTS = {
         host_rows=lambda url: [],
         own_addon_database=True,
     ),
+    # examples/portal: its pages, sign-in and writes are tested in test_example_portal.py.
+    "portal": Host(
+        name="portal",
+        make_app=_portal_app,
+        prepare_host_database=_prepare_portal,
+        member=("alice", PORTAL_USERS["alice"]),
+        non_member=("bob", PORTAL_USERS["bob"]),
+        host_admin_headers=_portal_admin,
+        host_script=lambda app: [],
+        host_rows=lambda url: [],
+        extra_settings={"portal.session_secret": "portal-test-secret-" + "z" * 40},
+    ),
 }
+COMPARABLE_HOSTS = sorted(name for name in HOSTS if name != "portal")
 
 
 def host_settings(host: Host, workdir: Path, **extra: str) -> dict[str, str]:
@@ -246,7 +299,9 @@ def host(request) -> Host:
     return HOSTS[request.param]
 
 
-def test_host_pages_sign_in_and_writes_are_unchanged_by_the_addon(host, tmp_path):
+@pytest.mark.parametrize("name", COMPARABLE_HOSTS)
+def test_host_pages_sign_in_and_writes_are_unchanged_by_the_addon(name, tmp_path):
+    host = HOSTS[name]
     results = []
     for with_addon in (False, True):
         app, settings = build(host, tmp_path / str(with_addon), with_addon)
@@ -335,7 +390,11 @@ def _start(host: Host, workdir: Path, upstream_url: str) -> ServerProcess:
             workdir / "host.ini",
             settings,
             port,
-            app_use=f"call:tests.hosts.{host.name}:main",
+            app_use=(
+                "egg:depproxy-portal-example"
+                if host.name == "portal"
+                else f"call:tests.hosts.{host.name}:main"
+            ),
             # A host's own Alembic set-up: `initdb` must not run these instead of the add-on's.
             extra_sections=f"\n[alembic]\nscript_location = {cookiecutter.ALEMBIC}\n",
         )
