@@ -82,6 +82,16 @@ def _host(database, tmp_path, arrange) -> webtest.TestApp:
     return webtest.TestApp(config.make_wsgi_app())
 
 
+def _assert_a_member_pulls(app: webtest.TestApp) -> None:
+    token = app.get(
+        "/jwt/auth",
+        params={"scope": f"repository:{PRIVATE}:pull"},
+        headers=basic("guest", PASSWORD),
+    ).json["token"]
+    assert _access_of(token) == [PRIVATE]
+    assert app.get("/v2/", headers={"Authorization": f"Bearer {token}"}).status_int == 200
+
+
 def _policy_before_include(config: Configurator, include) -> None:
     config.set_security_policy(HeaderPolicy())
     include(config)
@@ -136,12 +146,7 @@ def test_each_side_keeps_its_own_policy_whenever_the_host_sets_one(
     host_user = {"X-Host-User": "root"}
     assert app.get(f"/v2/{PRIVATE}/manifests/latest", headers=host_user, status=401)
     assert app.get("/jwt/auth", headers=host_user, status=401)
-    token = app.get(
-        "/jwt/auth",
-        params={"scope": f"repository:{PRIVATE}:pull"},
-        headers=basic("guest", PASSWORD),
-    ).json["token"]
-    assert app.get("/v2/", headers={"Authorization": f"Bearer {token}"}).status_int == 200
+    _assert_a_member_pulls(app)
 
 
 def test_a_host_without_a_policy_keeps_serving_its_views_unchecked(database, world, tmp_path):
@@ -206,9 +211,11 @@ def test_what_a_careless_account_source_returns_is_refused(database, world, tmp_
 
 
 def _access(response) -> list[str]:
-    claims = jwt.decode(
-        response.json["token"], JWT_SECRET, algorithms=["HS256"], audience="dependency_proxy"
-    )
+    return _access_of(response.json["token"])
+
+
+def _access_of(token: str) -> list[str]:
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="dependency_proxy")
     return [entry["name"] for entry in claims["access"]]
 
 
@@ -247,10 +254,5 @@ def test_a_host_default_permission_and_root_factory_do_not_reach_the_addon(
 
     app = _host(database, tmp_path, arrange)
     assert app.get("/v2/", status=401).json["errors"][0]["code"] == "UNAUTHORIZED"
-    token = app.get(
-        "/jwt/auth",
-        params={"scope": f"repository:{PRIVATE}:pull"},
-        headers=basic("guest", PASSWORD),
-    ).json["token"]
-    assert app.get("/v2/", headers={"Authorization": f"Bearer {token}"}).status_int == 200
+    _assert_a_member_pulls(app)
     assert app.get("/-/metrics").content_type == "text/plain"
