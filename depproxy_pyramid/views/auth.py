@@ -64,7 +64,7 @@ def jwt_auth(request: Request) -> dict:
     if service is not None and service != SERVICE:
         raise RegistryError(400, "UNSUPPORTED", f"unknown service; this is {SERVICE!r}")
 
-    root = Root(request)
+    root: Root = request.root
     access = []
     for repository, actions in _requested_scopes(request):
         if "pull" not in actions:
