@@ -145,13 +145,24 @@ def basic(username: str, password: str) -> dict[str, str]:
 _groups = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def proxy(upstream_registry, tmp_path_factory):
-    """The proxy as a real server process in front of the test upstream, one per module."""
+@pytest.fixture(scope="module", params=["standalone", "embedded"])
+def proxy(request, upstream_registry, tmp_path_factory):
+    """The proxy as a real server process in front of the test upstream, one per module: the
+    standalone app, and the add-on inside a host without a policy that uses pyramid_tm's
+    thread-local transaction manager (the wiring furthest from the standalone app's)."""
     from tests.proxy import start_proxy
 
     workdir = tmp_path_factory.mktemp("proxy")
-    proxy = start_proxy(workdir, f"sqlite:///{workdir / 'proxy.sqlite'}", upstream_registry.url)
+    proxy = start_proxy(
+        workdir,
+        f"sqlite:///{workdir / 'proxy.sqlite'}",
+        upstream_registry.url,
+        app_use=(
+            "egg:depproxy-pyramid"
+            if request.param == "standalone"
+            else "call:tests.hosts.no_policy:main"
+        ),
+    )
     yield proxy
     proxy.server.stop()
 

@@ -138,7 +138,13 @@ def running_proxy(
         proxy.server.stop()
 
 
-def start_proxy(workdir: Path, database_url: str, upstream_url: str, **extra: str) -> Proxy:
+def start_proxy(
+    workdir: Path,
+    database_url: str,
+    upstream_url: str,
+    app_use: str = "egg:depproxy-pyramid",
+    **extra: str,
+) -> Proxy:
     workdir.mkdir(parents=True, exist_ok=True)
     migrate(database_url)
     db = Database(database_url)
@@ -156,6 +162,6 @@ def start_proxy(workdir: Path, database_url: str, upstream_url: str, **extra: st
         },
     )
     port = free_port()
-    ini = write_ini(workdir / "proxy.ini", settings, port)
+    ini = write_ini(workdir / "proxy.ini", settings, port, app_use=app_use)
     server = ServerProcess(ini, port, workdir / "proxy.log").start()
     return Proxy(server, ini, db, workdir / "storage")
