@@ -152,7 +152,10 @@ def set_dependency_proxy_accounts(config: Configurator, source: object) -> None:
     """
     source = config.maybe_dotted(source)
     if not IAccountSource.providedBy(source):
-        raise TypeError(f"{source!r} does not provide IAccountSource")
+        raise TypeError(
+            f"{source!r} does not provide IAccountSource: pass an instance of a class "
+            "decorated with @implementer(IAccountSource)"
+        )
 
     def register() -> None:
         config.registry.registerUtility(source, IAccountSource)
