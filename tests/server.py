@@ -99,6 +99,8 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> ServerProcess:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError("already started: a second process would be left running")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child for its lifetime
         self.process = subprocess.Popen(
             self.command,

@@ -375,7 +375,7 @@ def test_registry_errors_stay_on_the_addons_paths(host, tmp_path):
         assert not response.content_type.endswith("json"), path
 
 
-def _start(host: Host, workdir: Path, upstream_url: str) -> ServerProcess:
+def _server(host: Host, workdir: Path, upstream_url: str) -> ServerProcess:
     settings = host_settings(
         host,
         workdir,
@@ -401,13 +401,13 @@ def _start(host: Host, workdir: Path, upstream_url: str) -> ServerProcess:
         server = ServerProcess(ini, port, workdir / "server.log")
     host.prepare_host_database(settings["sqlalchemy.url"])
     seed_addon(addon_url(settings), builtin_accounts=not host.own_addon_database)
-    return server.start()
+    return server  # started by `with`
 
 
 def test_skopeo_pulls_through_the_host(host, upstream, tmp_path):
     workdir = tmp_path / "host"
     workdir.mkdir()
-    with _start(host, workdir, upstream.url) as server:
+    with _server(host, workdir, upstream.url) as server:
         reference = f"127.0.0.1:{server.port}/{PRIVATE_IMAGE}:latest"
         pulled = skopeo_pull(reference, tmp_path / "pulled", creds=host.member)
         assert pulled.returncode == 0
