@@ -28,6 +28,8 @@ from depproxy_pyramid.upstream import (
     UpstreamUnavailable,
     parse_challenges,
 )
+from depproxy_pyramid.upstream import tokens as tokens_module
+from depproxy_pyramid.upstream import transport as transport_module
 
 REG = "https://registry.example"
 REALM = "https://auth.example/token"
@@ -73,7 +75,8 @@ class FakeTime:
 @pytest.fixture(autouse=True)
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     fake = FakeTime()
-    monkeypatch.setattr(upstream, "time", fake)
+    for module in (tokens_module, transport_module):
+        monkeypatch.setattr(module, "time", fake)
     return fake
 
 
@@ -540,7 +543,7 @@ def test_prefers_bearer_when_several_challenges_offered(rsps, client, tokens):
 
 
 def test_token_cache_prunes_expired_entries(rsps, client, tokens, clock, monkeypatch):
-    monkeypatch.setattr(upstream, "_TOKEN_CACHE_PRUNE_AT", 2)
+    monkeypatch.setattr(tokens_module, "_TOKEN_CACHE_PRUNE_AT", 2)
     registry = Registry(rsps, tokens)
     for name in ("a/one", "a/two", "a/three"):
         registry.add(
@@ -550,8 +553,8 @@ def test_token_cache_prunes_expired_entries(rsps, client, tokens, clock, monkeyp
     clock.advance(1000)
     client.get_manifest("a/two", "latest")
     client.get_manifest("a/three", "latest")
-    assert len(client._tokens) == 2
-    assert {key[0] for key in client._token_keys} == {"a/two", "a/three"}
+    assert len(client.tokens._tokens) == 2
+    assert {key[0] for key in client.tokens._token_keys} == {"a/two", "a/three"}
 
 
 # -- Basic-auth upstreams -------------------------------------------------------------------
@@ -1276,7 +1279,7 @@ def test_registry_passes_client_options():
     try:
         for image in ("x", "ghcr.io/x/y"):
             client, _ = reg.resolve(image)
-            assert client._timeout == (1, 2)
-            assert client._session.headers["User-Agent"] == "ua/2"
+            assert client.transport._timeout == (1, 2)
+            assert client.transport._session.headers["User-Agent"] == "ua/2"
     finally:
         reg.close()

@@ -1,0 +1,61 @@
+"""The upstream registries the proxy pulls from (OCI distribution API, Docker token auth).
+
+- `challenge`: parsing `WWW-Authenticate`.
+- `tokens`: the token flow and its cache, per credentials.
+- `transport`: one HTTP session per upstream: timeouts, retries, redirects.
+- `client`: manifests and blobs of one upstream, with typed errors (`errors`).
+- `routing`: which configured upstream an image name goes to.
+"""
+
+from .challenge import Challenge, parse_challenges
+from .client import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    BlobRef,
+    Manifest,
+    ManifestRef,
+    UpstreamClient,
+)
+from .errors import (
+    UpstreamAuthFailed,
+    UpstreamBadDigest,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .routing import UpstreamRegistry
+from .tokens import Credentials
+from .transport import BlobResponse
+
+__all__ = [
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "MANIFEST_ACCEPT",
+    "MAX_MANIFEST_SIZE",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "BlobRef",
+    "BlobResponse",
+    "Challenge",
+    "Credentials",
+    "Manifest",
+    "ManifestRef",
+    "UpstreamAuthFailed",
+    "UpstreamBadDigest",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamNotFound",
+    "UpstreamRateLimited",
+    "UpstreamRefused",
+    "UpstreamRegistry",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "parse_challenges",
+]

@@ -1,0 +1,342 @@
+"""The pull half of the OCI distribution API against one upstream registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import requests
+
+from ..names import DIGEST_RE, IMAGE_SEGMENT_RE, TAG_RE
+from .challenge import parse_challenges
+from .errors import (
+    UpstreamAuthFailed,
+    UpstreamBadDigest,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
+from .tokens import Credentials, TokenCache
+from .transport import (
+    BlobResponse,
+    Transport,
+    content_length,
+    content_type_of,
+    raise_for_status,
+    read_capped,
+)
+
+log = logging.getLogger(__name__)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+# Exactly the four current manifest formats, and deliberately no "*/*": registries negotiate
+# on Accept, and anything broader lets them answer with legacy schema1 (whose signed bytes do
+# not hash to the digest the registry reports) or convert/narrow the manifest. The cache must
+# hold the canonical object a digest names, independent of what the downstream client accepts,
+# so we always ask for the richest form (an index for multi-arch images).
+MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# Some registries omit Content-Type or send a generic one; then the manifest's own mediaType
+# field is the only source of truth.
+_GENERIC_CONTENT_TYPES = frozenset(
+    {"", "application/json", "text/plain", "application/octet-stream"}
+)
+_DIGEST = re.compile(r"(sha256|sha512):([a-f0-9]+)")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class ManifestRef:
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    content: bytes = field(repr=False)
+    media_type: str
+    digest: str
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    size: int
+    media_type: str | None
+
+
+def _check_name(name: str) -> None:
+    if not all(IMAGE_SEGMENT_RE.match(segment) for segment in name.split("/")):
+        raise UpstreamRefused(f"refusing unsafe repository name {name!r}")
+
+
+def _check_digest(digest: str) -> tuple[str, str]:
+    if DIGEST_RE.match(digest) is None:
+        raise UpstreamRefused(f"refusing unsupported or malformed digest {digest!r}")
+    algorithm, _, hex_digest = digest.partition(":")
+    return algorithm, hex_digest
+
+
+def _is_digest(reference: str) -> bool:
+    if ":" in reference:
+        _check_digest(reference)
+        return True
+    if TAG_RE.match(reference) is None:
+        raise UpstreamRefused(f"refusing malformed tag {reference!r}")
+    return False
+
+
+def _manifest_label(name: str, reference: str) -> str:
+    return f"manifest {name}{'@' if ':' in reference else ':'}{reference}"
+
+
+class UpstreamClient:
+    """Pull-only client for one upstream registry, safe to share between threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials | None = None,
+        *,
+        connect_timeout: float = 5,
+        read_timeout: float = 30,
+        user_agent: str = "depproxy-pyramid",
+    ) -> None:
+        parts = urlsplit(base_url)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.username is not None
+            or parts.query
+        ):
+            # No URL in the message: userinfo would leak a password into logs.
+            raise ValueError("upstream base URL must be http(s), without userinfo or query")
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.netloc.lower()
+        self.credentials = credentials
+        self.transport = Transport(
+            self.base_url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            user_agent=user_agent,
+        )
+        self.tokens = TokenCache(self.transport, self.host)
+        self._basic_upstream = False
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- public API --------------------------------------------------------------------------
+
+    def head_manifest(
+        self,
+        name: str,
+        reference: str,
+        credentials: Credentials | None = None,
+        read_timeout: float | None = None,
+    ) -> ManifestRef:
+        """The manifest's digest, type and size; `read_timeout` overrides the client's own for
+        this request (a caller holding a cached copy would rather not wait long)."""
+        _check_name(name)
+        by_digest = _is_digest(reference)
+        resp = self._registry_request(
+            "HEAD",
+            name,
+            f"manifests/{reference}",
+            credentials,
+            {"Accept": MANIFEST_ACCEPT},
+            read_timeout=read_timeout,
+        )
+        resp.close()
+        raise_for_status(resp, _manifest_label(name, reference))
+        digest = resp.headers.get("Docker-Content-Digest", "").strip()
+        media_type = content_type_of(resp)
+        size = content_length(resp)
+        if (
+            _DIGEST.fullmatch(digest) is None
+            or media_type in _GENERIC_CONTENT_TYPES
+            or size is None
+        ):
+            manifest = self.get_manifest(name, reference, credentials)
+            return ManifestRef(manifest.digest, manifest.media_type, manifest.size)
+        if by_digest and digest != reference:
+            raise UpstreamBadDigest(
+                f"upstream reports digest {digest} for manifest {name}@{reference}"
+            )
+        return ManifestRef(digest, media_type, size)
+
+    def get_manifest(
+        self, name: str, reference: str, credentials: Credentials | None = None
+    ) -> Manifest:
+        _check_name(name)
+        by_digest = _is_digest(reference)
+        what = _manifest_label(name, reference)
+        resp = self._registry_request(
+            "GET", name, f"manifests/{reference}", credentials, {"Accept": MANIFEST_ACCEPT}
+        )
+        raise_for_status(resp, what)
+        try:
+            content = read_capped(resp, MAX_MANIFEST_SIZE, what)
+        finally:
+            resp.close()
+        if by_digest:
+            algorithm, expected = _check_digest(reference)
+            if hashlib.new(algorithm, content).hexdigest() != expected:
+                raise UpstreamBadDigest(f"upstream content for {name}@{reference} does not match")
+            digest = reference
+        else:
+            digest = "sha256:" + hashlib.sha256(content).hexdigest()
+            advertised = resp.headers.get("Docker-Content-Digest")
+            if advertised and advertised.startswith("sha256:") and advertised != digest:
+                log.warning(
+                    "upstream %s advertised %s for %s but the bytes hash to %s; using the latter",
+                    self.host,
+                    advertised,
+                    what,
+                    digest,
+                )
+        return Manifest(content, self._manifest_media_type(resp, content, what), digest)
+
+    def head_blob(self, name: str, digest: str, credentials: Credentials | None = None) -> BlobRef:
+        _check_name(name)
+        _check_digest(digest)
+        resp = self._registry_request("HEAD", name, f"blobs/{digest}", credentials, {})
+        resp.close()
+        raise_for_status(resp, f"blob {name}@{digest}")
+        advertised = resp.headers.get("Docker-Content-Digest")
+        if advertised and advertised != digest:
+            raise UpstreamBadDigest(f"upstream reports digest {advertised} for blob {digest}")
+        size = content_length(resp)
+        if size is None:
+            raise UpstreamUnavailable(f"upstream gave no Content-Length for blob {digest}")
+        return BlobRef(size, content_type_of(resp) or None)
+
+    def open_blob(
+        self,
+        name: str,
+        digest: str,
+        credentials: Credentials | None = None,
+        byte_range: tuple[int, int | None] | None = None,
+    ) -> BlobResponse:
+        """Start streaming a blob; ``byte_range`` is (first, last-or-None), both inclusive.
+
+        The status is 200 or 206; a 200 to a range request means the upstream ignored the
+        range and the body starts at byte 0.
+        """
+        _check_name(name)
+        _check_digest(digest)
+        headers: dict[str, str] = {}
+        if byte_range is not None:
+            first, last = byte_range
+            if first < 0 or (last is not None and last < first):
+                raise ValueError(f"invalid byte range {byte_range!r}")
+            headers["Range"] = f"bytes={first}-{'' if last is None else last}"
+        what = f"blob {name}@{digest}"
+        resp = self._registry_request("GET", name, f"blobs/{digest}", credentials, headers)
+        raise_for_status(resp, what)
+        if resp.status_code == 200:
+            return BlobResponse(resp, content_length(resp))
+        content_range = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+        if resp.status_code != 206 or byte_range is None or content_range is None:
+            resp.close()
+            raise UpstreamUnavailable(f"unexpected {resp.status_code} answer for {what}")
+        if int(content_range.group(1)) != byte_range[0]:
+            resp.close()
+            raise UpstreamUnavailable(f"upstream returned the wrong range for {what}")
+        total = content_range.group(3)
+        return BlobResponse(resp, None if total == "*" else int(total))
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _registry_request(
+        self,
+        method: str,
+        name: str,
+        path: str,
+        credentials: Credentials | None,
+        headers: Mapping[str, str],
+        read_timeout: float | None = None,
+    ) -> requests.Response:
+        """Send to ``/v2/<name>/<path>``, handling auth challenges and redirects.
+
+        The caller must close the returned response and check its status.
+        """
+        creds = credentials if credentials is not None else self.credentials
+        url = f"{self.base_url}/v2/{name}/{path}"
+        authorization = self._cached_authorization(name, creds)
+        resp = self.transport.send(method, url, {**headers, **authorization}, read_timeout)
+        if resp.status_code == 401:
+            resp.close()
+            authorization = self._authorize(name, creds, resp, authorization)
+            resp = self.transport.send(method, url, {**headers, **authorization}, read_timeout)
+            if resp.status_code == 401 and authorization["Authorization"].startswith("Basic "):
+                resp.close()
+                raise UpstreamAuthFailed(
+                    f"upstream {self.host} rejected the configured credentials", status=401
+                )
+        return self.transport.follow_redirects(method, resp, headers, authorization, read_timeout)
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def _cached_authorization(self, name: str, creds: Credentials | None) -> dict[str, str]:
+        """Authorization to send up front, saving the 401 round trip when we already know it."""
+        if self._basic_upstream and creds is not None:
+            return {"Authorization": creds.basic_authorization()}
+        return self.tokens.cached(name, creds)
+
+    def _authorize(
+        self,
+        name: str,
+        creds: Credentials | None,
+        resp: requests.Response,
+        sent: Mapping[str, str],
+    ) -> dict[str, str]:
+        """Answer a 401 challenge with fresh Authorization for one retry."""
+        challenges = {
+            c.scheme: c for c in parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+        }
+        bearer, basic = challenges.get("bearer"), challenges.get("basic")
+        if bearer is not None:
+            rejected = sent.get("Authorization", "").removeprefix("Bearer ")
+            return {"Authorization": f"Bearer {self.tokens.token(name, creds, bearer, rejected)}"}
+        if basic is not None:
+            if creds is None:
+                raise UpstreamAuthFailed(
+                    f"upstream {self.host} requires credentials and none are configured",
+                    status=401,
+                )
+            if sent:
+                raise UpstreamAuthFailed(
+                    f"upstream {self.host} rejected the configured credentials", status=401
+                )
+            self._basic_upstream = True
+            return {"Authorization": creds.basic_authorization()}
+        raise UpstreamUnavailable(
+            f"upstream {self.host} answered 401 without a usable challenge", status=401
+        )
+
+    def _manifest_media_type(self, resp: requests.Response, content: bytes, what: str) -> str:
+        media_type = content_type_of(resp)
+        if media_type not in _GENERIC_CONTENT_TYPES:
+            return media_type
+        try:
+            body = json.loads(content)
+        except ValueError:
+            body = None
+        embedded = body.get("mediaType") if isinstance(body, dict) else None
+        if not isinstance(embedded, str) or not embedded:
+            raise UpstreamUnavailable(f"upstream gave no media type for {what}")
+        return embedded
