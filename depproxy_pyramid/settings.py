@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,23 @@ class Settings:
     upstream_connect_timeout: float
     upstream_read_timeout: float
     upstream_revalidate_timeout: float
+    # Group paths (each with its subgroups) allowed to pull with the instance-wide upstream
+    # credentials; "*" for every group. Empty: the instance credentials are never used.
+    upstream_credential_groups: tuple[str, ...]
+    # Registry host -> token realm hosts (besides its own) that may receive its credentials.
+    upstream_realms: Mapping[str, tuple[str, ...]]
+    # Secrets for upstream credentials at rest, newest first; the older ones only decrypt.
+    encryption_keys: tuple[str, ...]
+    blob_max_size: int
+    # The share of the spool's free disk space fills may take, between 0 and 1.
+    spool_max_disk_share: float
+    auth_max_failures: int
+    auth_failure_window_seconds: int
+    auth_password_check_concurrency: int
+    # Addresses whose X-Forwarded-For names the client (a TLS-terminating nginx, say).
+    trusted_proxies: tuple[str, ...]
+    metrics_token: str | None
+    metrics_allow: tuple[str, ...]
     raw: Mapping[str, str] = field(repr=False)
 
 
@@ -87,6 +105,33 @@ def _registries(settings: Mapping[str, str], key: str) -> dict[str, str]:
     return registries
 
 
+def _words(settings: Mapping[str, str], key: str) -> tuple[str, ...]:
+    return tuple((settings.get(key) or "").split())
+
+
+def _realms(settings: Mapping[str, str], key: str) -> dict[str, tuple[str, ...]]:
+    """`registry-host=realm-host[,realm-host...]` items separated by whitespace."""
+    realms: dict[str, tuple[str, ...]] = {}
+    for item in _words(settings, key):
+        host, sep, allowed = item.partition("=")
+        hosts = tuple(h.lower() for h in allowed.split(",") if h)
+        if not sep or not hosts or not all(_HOST_RE.match(h) for h in (host.lower(), *hosts)):
+            raise ConfigurationError(key, f"expected registry-host=realm-host[,...], got {item!r}")
+        realms[host.lower()] = hosts
+    return realms
+
+
+def _addresses(settings: Mapping[str, str], key: str) -> tuple[str, ...]:
+    """IP addresses or networks (CIDR)."""
+    networks = _words(settings, key)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigurationError(key, f"{network!r} is not an address or network") from None
+    return networks
+
+
 def parse_settings(settings: Mapping[str, str]) -> Settings:
     """Validate the `depproxy.*` keys; raise ConfigurationError naming the first bad key."""
     development = _bool(settings, "depproxy.development", False)
@@ -112,6 +157,12 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
             "upstream username and password must be set together",
         )
     storage = (settings.get("depproxy.storage") or "filesystem").strip()
+    encryption_keys = _words(settings, "depproxy.encryption.keys")
+    if any(len(key) < 32 for key in encryption_keys):
+        raise ConfigurationError("depproxy.encryption.keys", "each key has at least 32 characters")
+    spool_share = _number(settings, "depproxy.spool.max_disk_share", 0.5, minimum=0.01, kind=float)
+    if spool_share > 1:
+        raise ConfigurationError("depproxy.spool.max_disk_share", "is a share between 0 and 1")
     return Settings(
         sqlalchemy_url=url,
         storage=storage,
@@ -135,5 +186,24 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         upstream_revalidate_timeout=_number(
             settings, "depproxy.upstream.revalidate_timeout", 5.0, minimum=0.1, kind=float
         ),
+        upstream_credential_groups=_words(settings, "depproxy.upstream.credential_groups"),
+        upstream_realms=_realms(settings, "depproxy.upstream.realms"),
+        # Without keys of their own, upstream credentials are encrypted under the signing
+        # secret, as version 0.1 did.
+        encryption_keys=encryption_keys or (secret,),
+        blob_max_size=int(
+            _number(settings, "depproxy.blob.max_size", 16 * 1024**3, minimum=1024**2)
+        ),
+        spool_max_disk_share=spool_share,
+        auth_max_failures=int(_number(settings, "depproxy.auth.max_failures", 10, minimum=1)),
+        auth_failure_window_seconds=int(
+            _number(settings, "depproxy.auth.failure_window_seconds", 300, minimum=1)
+        ),
+        auth_password_check_concurrency=int(
+            _number(settings, "depproxy.auth.password_check_concurrency", 4, minimum=1)
+        ),
+        trusted_proxies=_addresses(settings, "depproxy.trusted_proxies"),
+        metrics_token=(settings.get("depproxy.metrics.token") or "").strip() or None,
+        metrics_allow=_addresses(settings, "depproxy.metrics.allow"),
         raw=dict(settings),
     )
