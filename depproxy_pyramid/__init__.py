@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from pyramid.config import Configurator
 from pyramid.router import Router
 
 from .settings import parse_settings
 from .views.errors import add_error_views
+
+log = logging.getLogger(__name__)
 
 
 def includeme(config: Configurator) -> None:
@@ -17,6 +21,13 @@ def includeme(config: Configurator) -> None:
     """
     settings = parse_settings(config.get_settings())
     config.registry["depproxy.settings"] = settings
+    fixed_secret = not (config.get_settings().get("depproxy.jwt.secret") or "").strip()
+    if settings.development and fixed_secret:
+        log.warning(
+            "depproxy.development is on and depproxy.jwt.secret is not set: registry tokens are "
+            "signed (and upstream passwords encrypted) with a fixed secret published in the "
+            "source code, so anyone can forge a token; never expose this instance"
+        )
     config.include(".accounts")
     config.include(".models")
     config.include(".security")

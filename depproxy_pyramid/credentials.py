@@ -9,8 +9,9 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 PERSONAL_TOKEN_PREFIX = "dpat-"
@@ -107,13 +108,31 @@ def _fernet(secret: str) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
-def encrypt_secret(secret: str, plaintext: str) -> str:
-    return _fernet(secret).encrypt(plaintext.encode()).decode()
+class Keyring:
+    """Upstream passwords at rest: encrypted under the newest secret, readable under any.
 
+    Each secret becomes a Fernet key as version 0.1 derived it from `depproxy.jwt.secret`, so
+    its data still decrypts while that secret is listed.
+    """
 
-def decrypt_secret(secret: str, ciphertext: str) -> str | None:
-    """None when the ciphertext was made with another key or was tampered with."""
-    try:
-        return _fernet(secret).decrypt(ciphertext.encode()).decode()
-    except (InvalidToken, ValueError):
-        return None
+    def __init__(self, keys: Sequence[str]) -> None:
+        if not keys:
+            raise ValueError("at least one encryption key is needed")
+        self._fernet = MultiFernet([_fernet(key) for key in keys])
+
+    def encrypt(self, plaintext: str) -> str:
+        return self._fernet.encrypt(plaintext.encode()).decode()
+
+    def decrypt(self, ciphertext: str) -> str | None:
+        """None when no key decrypts it (made under another key, or tampered with)."""
+        try:
+            return self._fernet.decrypt(ciphertext.encode()).decode()
+        except (InvalidToken, ValueError):
+            return None
+
+    def rotate(self, ciphertext: str) -> str | None:
+        """The same plaintext encrypted under the newest key; None when no key decrypts it."""
+        try:
+            return self._fernet.rotate(ciphertext.encode()).decode()
+        except (InvalidToken, ValueError):
+            return None

@@ -44,19 +44,26 @@ def alembic_config(connection: sa.Connection) -> Config:
     return config
 
 
-def upgrade(engine: sa.Engine, revision: str = "head") -> None:
-    """Migrate the add-on's tables to `revision`, adopting a version 0.1 database first."""
+def upgrade(engine: sa.Engine, revision: str = "head", default_registry: str | None = None) -> None:
+    """Migrate the add-on's tables to `revision`, adopting a version 0.1 database first.
+
+    `default_registry` is the default upstream's host: a group's single upstream credential of
+    revision 0001 becomes a credential for it (Docker Hub when not given).
+    """
     with engine.begin() as connection:
         config = alembic_config(connection)
+        config.attributes["depproxy.default_registry"] = default_registry
         if _is_legacy(connection):
             command.upgrade(config, LEGACY_REVISION)
             _adopt_legacy_tables(connection)
         command.upgrade(config, revision)
 
 
-def downgrade(engine: sa.Engine, revision: str) -> None:
+def downgrade(engine: sa.Engine, revision: str, default_registry: str | None = None) -> None:
     with engine.begin() as connection:
-        command.downgrade(alembic_config(connection), revision)
+        config = alembic_config(connection)
+        config.attributes["depproxy.default_registry"] = default_registry
+        command.downgrade(config, revision)
 
 
 def current_revision(engine: sa.Engine) -> str | None:

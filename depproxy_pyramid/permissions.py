@@ -18,6 +18,9 @@ class Permission(enum.StrEnum):
 
 
 INSTANCE_ADMIN = "depproxy:admin"
+# Every signed-in account, and no deploy token: a public group lets any account pull from it,
+# while a deploy token pulls only within its own group's hierarchy.
+SIGNED_IN_ACCOUNT = "depproxy:account"
 
 
 def account_principal(account_id: str) -> str:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from pyramid.authorization import ALL_PERMISSIONS, DENY_ALL, Allow, Authenticated, Deny, Everyone
+from pyramid.authorization import ALL_PERMISSIONS, DENY_ALL, Allow, Deny, Everyone
 from pyramid.request import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import Group, Role, Visibility
 from .names import Repository, group_path_problem
-from .permissions import INSTANCE_ADMIN, Permission, deploy_token_principal, member_principal
+from .permissions import (
+    INSTANCE_ADMIN,
+    SIGNED_IN_ACCOUNT,
+    Permission,
+    deploy_token_principal,
+    member_principal,
+)
 
 
 class GroupResource:
@@ -51,7 +57,7 @@ class GroupResource:
             acl.append((Allow, member_principal(group.path, Role.OWNER), Permission.ADMINISTER))
         if self.group.visibility == Visibility.PUBLIC:
             acl.append((Allow, Everyone, Permission.VIEW))
-            acl.append((Allow, Authenticated, Permission.PULL))
+            acl.append((Allow, SIGNED_IN_ACCOUNT, Permission.PULL))
         acl.append(DENY_ALL)
         return acl
 

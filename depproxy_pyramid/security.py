@@ -25,16 +25,26 @@ from pyramid.security import Allowed, Denied
 from sqlalchemy import select
 
 from .accounts import Account, IAccountSource, valid_account, valid_memberships
+from .addresses import client_address, in_networks, networks
 from .credentials import token_digest
-from .models import DeployToken, Role, Scope
+from .errors import RegistryError
+from .models import DeployToken, PersonalAccessToken, Role, Scope
 from .permissions import (
     INSTANCE_ADMIN,
+    SIGNED_IN_ACCOUNT,
     Permission,
     account_principal,
     deploy_token_principal,
     member_principal,
 )
 from .settings import Settings
+from .throttle import (
+    SIGN_IN_REFUSAL,
+    ISignInGuard,
+    SignInGuard,
+    SignInRefused,
+    sign_in_guard,
+)
 
 JWT_ISSUER = "depproxy-pyramid"
 JWT_AUDIENCE = "dependency_proxy"
@@ -90,7 +100,7 @@ def _account_sources(request: Request) -> IAccountSource:
 
 
 def account_identity(request: Request, account: Account, via: str) -> Identity:
-    principals = [account_principal(account.id)]
+    principals = [account_principal(account.id), SIGNED_IN_ACCOUNT]
     if account.is_admin:
         principals.append(INSTANCE_ADMIN)
     memberships = valid_memberships(_account_sources(request).memberships(request, account))
@@ -164,6 +174,9 @@ def issue_jwt(
         "jti": secrets.token_hex(16),
         "access": access,
     }
+    if identity.account is not None and identity.account.personal_access_token_id is not None:
+        # Checked on every request: revoking the token (or its expiry) ends this one too.
+        claims["pat"] = identity.account.personal_access_token_id
     token = jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
     return token, settings.jwt_expire_seconds, datetime.fromtimestamp(issued, UTC)
 
@@ -211,7 +224,7 @@ def bearer_identity(request: Request, settings: Settings, token: str) -> Identit
         # Looked up again on every request: a disabled account or a removed membership
         # takes effect at once, not when the token expires.
         account = valid_account(_account_sources(request).account(request, subject_id))
-        if account is None:
+        if account is None or not _signed_in_with_live_credential(request, account, claims):
             return None
         identity = account_identity(request, account, via="bearer")
     elif kind == "deploy_token" and subject_id.isdigit():
@@ -231,6 +244,64 @@ def bearer_identity(request: Request, settings: Settings, token: str) -> Identit
     )
 
 
+def _signed_in_with_live_credential(request: Request, account: Account, claims: dict) -> bool:
+    """False when the token was minted from a personal access token that no longer works."""
+    if "pat" not in claims:
+        return True
+    token_id = claims["pat"]
+    if type(token_id) is not int:
+        return False
+    token = request.depproxy_dbsession.get(PersonalAccessToken, token_id)
+    return (
+        token is not None
+        and str(token.user_id) == account.id
+        and _is_live(token.expires_at, token.revoked)
+    )
+
+
+def sign_in(request: Request, username: str, password: str) -> Identity | None:
+    """`authenticate_basic` within the sign-in limits; a failure counts against them.
+
+    A refusal is left on the request for the token view to answer with a 429: raised here, it
+    would escape pyramid_tm's tween (which asks who this is before the view) as a bare 500.
+    """
+    guard = sign_in_guard(request)
+    try:
+        guard.check(request, username)
+        identity = authenticate_basic(request, username, password)
+    except SignInRefused as refusal:
+        request.environ[SIGN_IN_REFUSAL] = refusal
+        return None
+    guard.settle(request, succeeded=identity is not None)
+    return identity
+
+
+def sign_in_refusal(request: Request) -> SignInRefused | None:
+    """Why the sign-in of `request.identity` did not check the credentials, if it did not."""
+    return request.environ.get(SIGN_IN_REFUSAL)
+
+
+def check_metrics_access(request: Request, settings: Settings) -> None:
+    """Raise the registry error for a metrics request that `depproxy.metrics.*` refuses."""
+    if settings.metrics_allow and not in_networks(
+        client_address(request, settings.trusted_proxies), networks(settings.metrics_allow)
+    ):
+        raise RegistryError(403, "DENIED", "metrics are not available to this address")
+    if settings.metrics_token is None:
+        return
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    presented = value.strip().encode("latin-1", "replace")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        presented, settings.metrics_token.encode()
+    ):
+        raise RegistryError(
+            401,
+            "UNAUTHORIZED",
+            "metrics need the header Authorization: Bearer <depproxy.metrics.token>",
+            headers={"WWW-Authenticate": 'Bearer realm="depproxy-metrics"'},
+        )
+
+
 class SecurityPolicy:
     """The add-on's URLs: Basic credentials on the token endpoint, Bearer JWTs on `/v2`."""
 
@@ -246,7 +317,7 @@ class SecurityPolicy:
         path = request.environ.get("PATH_INFO", "")
         if path == TOKEN_PATH:
             credentials = parse_basic(header) if scheme.lower() == "basic" else None
-            return authenticate_basic(request, *credentials) if credentials else None
+            return sign_in(request, *credentials) if credentials else None
         if path.startswith("/v2") and scheme.lower() == "bearer" and value.strip():
             return bearer_identity(request, self.settings, value.strip())
         return None
@@ -341,6 +412,7 @@ def _compose(registry, addon: SecurityPolicy) -> None:
 
 def includeme(config: Configurator) -> None:
     addon = SecurityPolicy(config.registry["depproxy.settings"])
+    config.registry.registerUtility(SignInGuard.from_settings(addon.settings), ISignInGuard)
     # Views capture the registered policy when they are configured (PHASE3); a host sets its
     # own in PHASE2, whether before or after the include. Composing in between means every
     # view, the add-on's and the host's, sees both.

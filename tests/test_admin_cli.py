@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import requests
+from sqlalchemy import select
 
-from tests.conftest import app_settings
+from depproxy_pyramid.credentials import Keyring
+from depproxy_pyramid.models.accounts import UpstreamCredential
+from tests.conftest import JWT_SECRET, Database, app_settings
 from tests.server import ServerProcess, admin, free_port, write_ini
+
+NEW_KEY = "new-encryption-key-" + "n" * 40
 
 
 @pytest.fixture
@@ -127,3 +132,103 @@ def test_bad_configuration_fails_in_one_line(tmp_path):
     settings["depproxy.jwt.expire_seconds"] = "never"
     path = write_ini(tmp_path / "bad.ini", settings, free_port())
     fails(admin(path, "group", "add", "acme"), "depproxy.jwt.expire_seconds")
+
+
+def stored_credentials(database_url: str) -> list[tuple[int, str, str, str]]:
+    db = Database(database_url)
+    manager, session = db.session()
+    try:
+        with manager:
+            rows = session.scalars(
+                select(UpstreamCredential).order_by(
+                    UpstreamCredential.group_id, UpstreamCredential.registry_host
+                )
+            ).all()
+            return [(r.group.path, r.registry_host, r.username, r.password_encrypted) for r in rows]
+    finally:
+        db.engine.dispose()
+
+
+def test_upstream_credentials_per_registry_and_key_rotation(tmp_path, empty_database_url):
+    def ini(name: str, **extra: str):
+        settings = app_settings(
+            empty_database_url,
+            tmp_path / "storage",
+            **{"depproxy.upstream.registries": "ghcr.io", **extra},
+        )
+        return write_ini(tmp_path / name, settings, free_port())
+
+    # No depproxy.encryption.keys: sealed under depproxy.jwt.secret, as 0.1 did.
+    path = ini("plain.ini")
+    ok(admin(path, "initdb"))
+    ok(admin(path, "group", "add", "acme"))
+    assert ok(admin(path, "proxy", "credentials", "acme", "--username", "bot", stdin="pw1\n")) == (
+        "upstream credentials for registry-1.docker.io set for acme"
+    )
+    assert ok(
+        admin(
+            path,
+            "proxy",
+            "credentials",
+            "acme",
+            "--registry",
+            "GHCR.io",
+            "--username",
+            "gh",
+            stdin="pw2\n",
+        )
+    ) == ("upstream credentials for ghcr.io set for acme")
+    # Docker Hub's other names are the same registry.
+    assert ok(
+        admin(
+            path,
+            "proxy",
+            "credentials",
+            "acme",
+            "--registry",
+            "docker.io",
+            "--username",
+            "bot",
+            stdin="pw3\n",
+        )
+    ) == ("upstream credentials for registry-1.docker.io set for acme")
+    fails(
+        admin(path, "proxy", "credentials", "acme", "--registry", "quay.io", "--username", "x"),
+        "upstream registry 'quay.io' is not configured "
+        "(depproxy.upstream.url or depproxy.upstream.registries)",
+    )
+    fails(admin(path, "proxy", "credentials", "acme"), "--username is needed (or --clear)")
+
+    stored = stored_credentials(empty_database_url)
+    assert [row[:3] for row in stored] == [
+        ("acme", "ghcr.io", "gh"),
+        ("acme", "registry-1.docker.io", "bot"),
+    ]
+    assert [Keyring([JWT_SECRET]).decrypt(row[3]) for row in stored] == ["pw2", "pw3"]
+
+    rotating = ini("rotating.ini", **{"depproxy.encryption.keys": f"{NEW_KEY} {JWT_SECRET}"})
+    assert ok(admin(rotating, "rotate-keys")) == (
+        "re-encrypted 2 upstream credential(s) under the newest encryption key"
+    )
+    rotated = stored_credentials(empty_database_url)
+    assert [Keyring([NEW_KEY]).decrypt(row[3]) for row in rotated] == ["pw2", "pw3"]
+
+    lost = ini("lost.ini", **{"depproxy.encryption.keys": "unrelated-key-" + "u" * 40})
+    fails(
+        admin(lost, "rotate-keys"),
+        "the upstream credentials of group 'acme' (ghcr.io), group 'acme' "
+        "(registry-1.docker.io) do not decrypt with any key in depproxy.encryption.keys",
+    )
+    assert stored_credentials(empty_database_url) == rotated  # all or nothing
+
+    assert ok(
+        admin(rotating, "proxy", "credentials", "acme", "--registry", "ghcr.io", "--clear")
+    ) == ("upstream credentials for ghcr.io cleared for acme")
+    assert ok(admin(rotating, "proxy", "credentials", "acme", "--clear")) == (
+        "upstream credentials for registry-1.docker.io cleared for acme"
+    )
+    # What a registry no longer configured left behind can still be cleared.
+    assert ok(
+        admin(rotating, "proxy", "credentials", "acme", "--registry", "quay.io", "--clear")
+    ) == ("acme has no upstream credentials for quay.io")
+    assert stored_credentials(empty_database_url) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jwt
 import pytest
 from pyramid.request import Request
@@ -11,7 +13,13 @@ from depproxy_pyramid.names import Repository
 from depproxy_pyramid.permissions import Permission
 from depproxy_pyramid.resources import RepositoryResource, Root
 from tests.conftest import JWT_SECRET, basic
-from tests.world import build_world
+from tests.world import (
+    add_personal_access_token,
+    build_world,
+    deploy_token_id,
+    end_personal_access_token,
+    fresh_sign_in_limits,
+)
 
 GROUPS = ("pub", "priv", "priv/nested", "off")
 REJECTED = (
@@ -32,7 +40,9 @@ EXPECTED = {
     "maintainer": ("YN", "YN", "YN", "NN"),
     "owner": ("YY", "YY", "YY", "NY"),
     "elder": ("YN", "YY", "YY", "NN"),  # owner of the parent group "priv" only
-    "deploy_token": ("YN", "YN", "YN", "NN"),  # a deploy token of "priv"
+    # Deploy tokens pull within their own group's hierarchy only, not from other public groups.
+    "deploy_token": ("NN", "YN", "YN", "NN"),  # a deploy token of "priv"
+    "pub_deploy_token": ("YN", "NN", "NN", "NN"),
     "admin": ("YY", "YY", "YY", "NY"),
     "owner_read_token": ("YN", "YN", "YN", "NN"),  # read_registry cannot administer
     "owner_api_token": ("YY", "YY", "YY", "NY"),
@@ -52,6 +62,12 @@ def repository(group: str) -> Repository:
 @pytest.fixture(scope="module")
 def world(database):
     return build_world(database)
+
+
+@pytest.fixture(autouse=True)
+def _sign_in_limits(app):
+    # Each test signs in a few times at most; together they would reach the limits.
+    fresh_sign_in_limits(app)
 
 
 def headers_for(world, identity: str) -> dict[str, str]:
@@ -136,6 +152,7 @@ VISIBLE = {  # which private groups each identity may see; "pub" is visible to e
     "stranger": set(),
     "elder": {"priv", "priv/nested"},
     "deploy_token": {"priv", "priv/nested"},
+    "pub_deploy_token": set(),
     "owner_read_token": {"priv", "priv/nested", "off"},
     **{
         role: {"priv", "priv/nested", "off"}
@@ -166,6 +183,10 @@ def test_registry_refuses_what_the_token_endpoint_refused(testapp, world, identi
     elif group == "off":
         assert (response.status_int, error["code"]) == (403, "DENIED")
         assert "disabled" in error["message"]
+    elif (identity, group) == ("deploy_token", "pub"):
+        # Visible to everyone, but the token endpoint granted this token nothing there.
+        assert (response.status_int, error["code"]) == (401, "UNAUTHORIZED")
+        assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
     else:
         pytest.fail(f"{identity} was refused pull on visible, enabled group {group}")
 
@@ -208,3 +229,68 @@ def test_registry_answers_unknown_groups_like_invisible_ones(testapp, world, ide
     )
     assert (response.status_int, response.json["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
     assert testapp.get(f"/v2/{name}/manifests/latest", expect_errors=True).status_int == 401
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_deploy_token_cannot_pull_from_another_public_group_even_with_a_grant(
+    testapp, database
+):
+    """The group ACL refuses it, not only the token endpoint: a JWT naming `pub` (as if it had
+    been granted) still does not open `pub` to a deploy token of `priv`."""
+    name = repository("pub").name
+    now = int(time.time())
+    claims = {
+        "iss": "depproxy-pyramid",
+        "aud": "dependency_proxy",
+        "sub": f"deploy_token:{deploy_token_id(database, 'deploy_token')}",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "access": [{"type": "repository", "name": name, "actions": ["pull"]}],
+    }
+    token = jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    response = testapp.get(f"/v2/{name}/manifests/latest", headers=_bearer(token), status=403)
+    assert response.json["errors"][0]["code"] == "DENIED"
+
+
+@pytest.mark.parametrize("how", ["revoke", "expire"])
+def test_a_registry_token_from_a_personal_access_token_ends_with_it(testapp, database, how):
+    credentials, token_id = add_personal_access_token(database, "guest", "read_registry")
+    name = repository("off").name
+    token = testapp.get(
+        "/jwt/auth", params={"scope": f"repository:{name}:pull"}, headers=basic(*credentials)
+    ).json["token"]
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="dependency_proxy")
+    assert claims["pat"] == token_id
+    # While the personal access token lives, the registry token signs the guest in: the ping
+    # answers, and the disabled group "off" is refused for what it is, not for who asks.
+    assert testapp.get("/v2/", headers=_bearer(token)).status_int == 200
+    refused = testapp.get(f"/v2/{name}/manifests/latest", headers=_bearer(token), status=403)
+    assert refused.json["errors"][0]["code"] == "DENIED"
+
+    end_personal_access_token(database, token_id, how)
+
+    assert claims["exp"] > time.time() + 60  # the registry token itself is still valid
+    ping = testapp.get("/v2/", headers=_bearer(token), status=401)
+    assert ping.json["errors"][0]["code"] == "UNAUTHORIZED"
+    pull = testapp.get(f"/v2/{name}/manifests/latest", headers=_bearer(token), status=401)
+    assert pull.json["errors"][0] == {
+        "code": "UNAUTHORIZED",
+        "message": "invalid or expired credentials",
+        "detail": None,
+    }
+    assert pull.headers["WWW-Authenticate"] == (
+        'Bearer realm="http://registry.test/jwt/auth",service="dependency_proxy",'
+        f'scope="repository:{name}:pull"'
+    )
+    assert testapp.get("/jwt/auth", headers=basic(*credentials), status=401)
+
+
+def test_a_registry_token_from_a_password_carries_no_personal_access_token(testapp, world):
+    token = testapp.get("/jwt/auth", headers=basic(*world.credentials["guest"])).json["token"]
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], audience="dependency_proxy")
+    assert "pat" not in claims
+    assert testapp.get("/v2/", headers=_bearer(token)).status_int == 200

@@ -7,9 +7,10 @@ import time
 
 import jwt
 import pytest
+from pyramid.exceptions import URLDecodeError
 
 from tests.conftest import JWT_SECRET, basic
-from tests.world import build_world
+from tests.world import build_world, fresh_sign_in_limits
 
 PROXY = "dependency_proxy/containers"
 
@@ -17,6 +18,12 @@ PROXY = "dependency_proxy/containers"
 @pytest.fixture(scope="module")
 def world(database):
     return build_world(database)
+
+
+@pytest.fixture(autouse=True)
+def _sign_in_limits(app):
+    # Each test signs in a few times at most; together they would reach the limits.
+    fresh_sign_in_limits(app)
 
 
 def assert_registry_error(response, status: int, code: str | None = None) -> dict:
@@ -266,3 +273,98 @@ def test_hostile_paths(testapp, app_kind, world, path):
             assert (response.status_int, response.text) == (404, "cookiecutter 404")
         else:
             assert response.json["errors"][0]["code"]
+
+
+UNDECODABLE = ["%c0%80", "%ff", "%e2%82"]  # overlong, never valid, truncated
+CONTROL = ["%0d%0a", "%1b[31m", "%00"]
+IMAGE = f"pub/{PROXY}/alpine"
+
+
+def _expected(place: str, bad: str, signed_in: bool) -> tuple[int, str]:
+    """The one answer each malformed path gets."""
+    if bad in UNDECODABLE:
+        return (400, "NAME_INVALID") if place in ("group", "image") else (400, "UNSUPPORTED")
+    if place in ("v2-suffix", "jwt-suffix"):
+        return 400, "UNSUPPORTED"
+    if place == "v2-segment" or (bad == "%0d%0a" and place != "tag"):
+        # A line feed inside the path matches no route (at the very end, a route's `$` would).
+        return 404, "NOT_FOUND"
+    if place in ("group", "image"):
+        return 400, "NAME_INVALID"
+    if not signed_in:
+        return 401, "UNAUTHORIZED"
+    return 400, "MANIFEST_INVALID" if place == "tag" else "DIGEST_INVALID"
+
+
+PLACES = {
+    "group": "/v2/pu{bad}b/" + PROXY + "/alpine/manifests/latest",
+    "image": "/v2/pub/" + PROXY + "/alp{bad}ine/manifests/latest",
+    "tag": "/v2/" + IMAGE + "/manifests/latest{bad}",
+    "digest": "/v2/" + IMAGE + "/blobs/sha256:{bad}" + "a" * 60,
+    "v2-segment": "/v2/{bad}/",
+    "v2-suffix": "/v2{bad}",
+    "jwt-suffix": "/jwt/auth{bad}",
+}
+
+
+@pytest.mark.parametrize("bad", UNDECODABLE + CONTROL)
+@pytest.mark.parametrize("place", PLACES)
+def test_malformed_paths_get_a_registry_error(testapp, world, place, bad):
+    token = testapp.get(
+        "/jwt/auth",
+        params={"scope": f"repository:{IMAGE}:pull"},
+        headers=basic(*world.credentials["admin"]),
+    ).json["token"]
+    path = PLACES[place].format(bad=bad)
+    for signed_in in (False, True):
+        if place == "jwt-suffix":
+            headers = basic(*world.credentials["admin"]) if signed_in else {}
+        else:
+            headers = {"Authorization": f"Bearer {token}"} if signed_in else {}
+        response = testapp.get(path, headers=headers, expect_errors=True)
+        status, code = _expected(place, bad, signed_in)
+        assert_registry_error(response, status, code)
+
+
+@pytest.mark.parametrize("bad", UNDECODABLE)
+def test_an_undecodable_path_names_what_the_client_sent(testapp, bad):
+    response = testapp.get(f"/v2/a{bad}/{PROXY}/alpine/manifests/latest", expect_errors=True)
+    error = assert_registry_error(response, 400, "NAME_INVALID")
+    assert error["message"] == "invalid repository name: the path is not valid UTF-8"
+    assert error["detail"] == {"path": f"/v2/a{bad.upper()}/{PROXY}/alpine/manifests/latest"}
+
+
+@pytest.mark.parametrize("bad", UNDECODABLE + CONTROL)
+@pytest.mark.parametrize("parameter", ["scope", "service"])
+def test_malformed_token_requests_get_a_registry_error(testapp, world, parameter, bad):
+    values = {"scope": f"repository:pub/{PROXY}/al{bad}pine:pull", "service": f"dep{bad}"}
+    response = testapp.get(
+        f"/jwt/auth?{parameter}={values[parameter]}",
+        headers=basic(*world.credentials["admin"]),
+        expect_errors=True,
+    )
+    if bad in UNDECODABLE:
+        error = assert_registry_error(response, 400, "UNSUPPORTED")
+        assert error["message"] == "the query string is not valid UTF-8"
+    elif parameter == "service":
+        assert_registry_error(response, 400, "UNSUPPORTED")
+    else:
+        # A space splits scopes: CR LF leaves a scope without actions.
+        assert_registry_error(response, 400, "UNSUPPORTED" if bad == "%0d%0a" else "NAME_INVALID")
+
+
+def test_an_undecodable_path_outside_the_addon(testapp, app_kind):
+    if app_kind == "embedded":
+        # Outside the add-on's paths the host decides; this one has no view for it, so the
+        # error reaches the server as it would without the add-on.
+        with pytest.raises(URLDecodeError):
+            testapp.get("/x%ff")
+        return
+    response = testapp.get("/x%ff", expect_errors=True)
+    assert (response.status_int, response.content_type) == (400, "application/json")
+    (error,) = response.json["errors"]
+    assert error == {
+        "code": "UNSUPPORTED",
+        "message": "the path is not valid UTF-8",
+        "detail": {"path": "/x%FF"},
+    }

@@ -1,13 +1,18 @@
+import base64
+import hashlib
+
 import pytest
+from cryptography.fernet import Fernet
 
 from depproxy_pyramid import credentials
 from depproxy_pyramid.credentials import (
+    Keyring,
     RecentlyVerified,
-    decrypt_secret,
-    encrypt_secret,
     hash_password,
     verify_password,
 )
+
+OLD, NEW = "old-secret-" + "o" * 30, "new-secret-" + "n" * 30
 
 
 def test_password_hashes_verify_only_their_password():
@@ -60,8 +65,41 @@ def test_recently_verified_forgets(scrypt_calls):
 
 
 def test_upstream_secrets_round_trip_only_under_the_same_key():
-    sealed = encrypt_secret("k" * 40, "upstream-password")
+    sealed = Keyring(["k" * 40]).encrypt("upstream-password")
     assert "upstream-password" not in sealed
-    assert decrypt_secret("k" * 40, sealed) == "upstream-password"
-    assert decrypt_secret("other" * 10, sealed) is None
-    assert decrypt_secret("k" * 40, sealed[:-4] + "AAAA") is None
+    assert Keyring(["k" * 40]).decrypt(sealed) == "upstream-password"
+    assert Keyring(["other" * 10]).decrypt(sealed) is None
+    assert Keyring(["k" * 40]).decrypt(sealed[:-4] + "AAAA") is None
+    assert Keyring(["k" * 40]).decrypt("not a token") is None
+
+
+def test_the_newest_key_encrypts_and_every_listed_key_decrypts():
+    under_old = Keyring([OLD]).encrypt("pw-old")
+    both = Keyring([NEW, OLD])
+    assert both.decrypt(under_old) == "pw-old"
+    under_new = both.encrypt("pw-new")
+    assert Keyring([NEW]).decrypt(under_new) == "pw-new"
+    assert Keyring([OLD]).decrypt(under_new) is None
+
+
+def test_rotate_re_encrypts_under_the_newest_key_or_says_it_cannot():
+    under_old = Keyring([OLD]).encrypt("pw")
+    rotated = Keyring([NEW, OLD]).rotate(under_old)
+    assert rotated is not None and rotated != under_old
+    assert Keyring([NEW]).decrypt(rotated) == "pw"
+    assert Keyring([NEW]).rotate(under_old) is None
+
+
+def test_version_0_1_ciphertexts_decrypt_while_the_jwt_secret_is_listed():
+    jwt_secret = "jwt-secret-" + "j" * 30
+    # Exactly how 0.1 sealed a group's upstream password under depproxy.jwt.secret.
+    key = hashlib.sha256(b"depproxy-upstream-credentials\0" + jwt_secret.encode()).digest()
+    sealed = Fernet(base64.urlsafe_b64encode(key)).encrypt(b"pw-0.1").decode()
+    assert Keyring([jwt_secret]).decrypt(sealed) == "pw-0.1"
+    assert Keyring([NEW, jwt_secret]).decrypt(sealed) == "pw-0.1"
+    assert Keyring([NEW]).decrypt(sealed) is None
+
+
+def test_a_keyring_needs_a_key():
+    with pytest.raises(ValueError, match="at least one"):
+        Keyring([])

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
+import time
 
 import pytest
 import responses
 
-from depproxy_pyramid.services.fills import BlobFills, FillError
-from depproxy_pyramid.upstream import UpstreamClient, UpstreamNotFound
+from depproxy_pyramid.services import fills as fills_module
+from depproxy_pyramid.services.fills import (
+    BlobFills,
+    BlobTooLarge,
+    FillError,
+    FillLimits,
+    SpoolBudget,
+    SpoolFull,
+)
+from depproxy_pyramid.upstream import UpstreamClient, UpstreamNotFound, UpstreamUnavailable
 
 UPSTREAM = "https://registry.test"
 BODY = os.urandom(3 * 1024 * 1024 + 17)
@@ -114,7 +124,8 @@ def test_truncated_body_fails(fills, committed):
         headers={"Content-Length": str(len(BODY))}, auto_calculate_content_length=False,
     )
     fill = fills.join_or_start(1, DIGEST, lambda: False, opener())
-    with pytest.raises(FillError):
+    # Upstream's own error when the fill fails before anyone waits, a reader's after.
+    with pytest.raises((UpstreamUnavailable, FillError)):
         fill.wait_started()
         for _ in fill.read():
             pass
@@ -187,3 +198,188 @@ def test_spool_files_of_dead_fills_are_removed_at_start(tmp_path, committed):
     gate.set()
     fill.wait_started()
     assert b"".join(fill.read()) == BODY
+
+
+# -- bounds: what a hostile upstream cannot make a fill do ---------------------------------
+
+MiB = 1024 * 1024
+
+
+class Disk:
+    """A stand-in for `shutil.disk_usage`, with as much free space as a test says."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, path: str) -> Disk:
+        return self
+
+
+@pytest.fixture
+def disk(monkeypatch) -> Disk:
+    disk = Disk(free=1 << 40)
+    monkeypatch.setattr(fills_module.shutil, "disk_usage", disk)
+    return disk
+
+
+def start_limited(fills: BlobFills, limits: FillLimits, digest: str = DIGEST):
+    return fills.join_or_start(1, digest, lambda: False, opener(digest), limits)
+
+
+def read_all(fill) -> bytes:
+    received = bytearray()
+    for chunk in fill.read():
+        received += chunk
+    return bytes(received)
+
+
+@responses.activate
+def test_a_blob_declared_over_the_cap_is_refused_before_any_download(fills, committed, tmp_path):
+    responses.get(blob_url(), body=BODY, auto_calculate_content_length=True)
+    fill = start_limited(fills, FillLimits(max_size=MiB))
+    with pytest.raises(BlobTooLarge, match=f"limit of {MiB} bytes"):
+        fill.wait_started()
+    assert fill.written == 0
+    assert committed.calls == []
+    assert os.listdir(tmp_path) == []
+
+
+@responses.activate
+def test_a_body_of_unknown_size_running_past_the_cap_is_cut(fills, committed, tmp_path):
+    responses.get(blob_url(), body=BODY)  # no Content-Length
+    fill = start_limited(fills, FillLimits(max_size=MiB))
+    received = bytearray()
+    with pytest.raises(BlobTooLarge):
+        fill.wait_started()  # the cut may come before the readers do
+        for chunk in fill.read():
+            received += chunk
+    assert len(received) < MiB
+    assert fill.written <= MiB
+    assert committed.calls == []
+    assert os.listdir(tmp_path) == []
+
+
+@responses.activate
+def test_a_blob_of_exactly_the_cap_is_kept(fills, committed):
+    responses.get(blob_url(), body=BODY, auto_calculate_content_length=True)
+    fill = start_limited(fills, FillLimits(max_size=len(BODY)))
+    fill.wait_started()
+    assert read_all(fill) == BODY
+    assert committed.event.wait(5)
+
+
+class Claimant:
+    """What the spool budget sees of a fill: how much it has written."""
+
+    def __init__(self, written: int = 0) -> None:
+        self.written = written
+
+
+def test_fills_in_flight_share_the_spool_budget(tmp_path, disk):
+    budget = SpoolBudget(str(tmp_path))
+    disk.free = 10 * MiB
+    first, second = Claimant(), Claimant()
+    budget.claim(first, 3 * MiB, 0.5)
+    with pytest.raises(SpoolFull):
+        budget.claim(second, 3 * MiB, 0.5)
+    budget.claim(second, 2 * MiB, 0.5)
+    assert budget.claimed() == 5 * MiB
+    budget.release(first)
+    budget.claim(second, 5 * MiB, 0.5)
+    assert budget.claimed() == 5 * MiB
+
+
+def test_bytes_already_spooled_count_as_claimed_not_as_lost_free_space(tmp_path, disk):
+    budget = SpoolBudget(str(tmp_path))
+    first = Claimant()
+    disk.free = 10 * MiB
+    budget.claim(first, 4 * MiB, 0.5)
+    # The first fill has written its 4 MiB: the disk has that much less free.
+    first.written, disk.free = 4 * MiB, 6 * MiB
+    budget.claim(Claimant(), 1 * MiB, 0.5)
+    with pytest.raises(SpoolFull):
+        budget.claim(Claimant(), 1 * MiB + 1, 0.5)
+
+
+@responses.activate
+def test_a_declared_size_over_the_spool_share_is_refused_up_front(fills, committed, disk):
+    responses.get(blob_url(), body=BODY, auto_calculate_content_length=True)
+    disk.free = 2 * len(BODY) - 1
+    fill = start_limited(fills, FillLimits(disk_share=0.5))
+    with pytest.raises(SpoolFull):
+        fill.wait_started()
+    assert fill.written == 0
+    assert fills.budget.claimed() == 0
+    error = SpoolFull("the proxy's spool has no room for this blob now").registry_error()
+    assert (error.status, error.code, error.headers) == (503, "UNAVAILABLE", {"Retry-After": "60"})
+
+
+@responses.activate
+def test_a_body_of_unknown_size_is_cut_at_the_spool_share(fills, committed, disk, tmp_path):
+    responses.get(blob_url(), body=BODY)  # no Content-Length
+    disk.free = 2 * MiB
+    fill = start_limited(fills, FillLimits(disk_share=0.5))
+    with pytest.raises(SpoolFull):
+        fill.wait_started()
+        read_all(fill)
+    assert fill.written <= MiB
+    assert committed.calls == []
+    assert os.listdir(tmp_path) == []
+    deadline = time.monotonic() + 5
+    while fills.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fills.budget.claimed() == 0
+
+
+@responses.activate
+def test_wait_verified_waits_for_the_digest(fills, committed):
+    responses.get(blob_url(), body=BODY, auto_calculate_content_length=True)
+    fill = start(fills)
+    fill.wait_verified()
+    assert fill.size == len(BODY)
+    assert b"".join(fill.read(10, 20)) == BODY[10:20]
+
+
+@responses.activate
+def test_wait_verified_raises_for_wrong_bytes(fills, committed, tmp_path):
+    responses.get(blob_url(), body=BODY[:-1] + b"x", auto_calculate_content_length=True)
+    fill = fills.join_or_start(1, DIGEST, lambda: False, opener())
+    with pytest.raises(FillError, match="do not match"):
+        fill.wait_verified()
+    assert committed.calls == []
+    assert os.listdir(tmp_path) == []
+
+
+class FailingBlob:
+    """An upstream body that breaks after one chunk once `broken` is set, as urllib3 reports
+    it (with host and port)."""
+
+    size = None
+    status = 200
+    headers: dict[str, str] = {}
+    broken = threading.Event()
+
+    def iter_chunks(self, chunk_size: int):
+        yield b"x" * 10
+        self.broken.wait(5)
+        raise UpstreamUnavailable(
+            "upstream blob transfer failed: HTTPConnectionPool(host='10.0.0.1', port=5000): "
+            "Read timed out."
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+def test_a_reader_is_told_of_a_failure_without_the_upstream_message(fills, caplog):
+    fill = fills.join_or_start(1, DIGEST, lambda: False, FailingBlob)
+    fill.wait_started()
+    FailingBlob.broken.set()
+    with pytest.raises(FillError) as failure:
+        read_all(fill)
+    assert str(failure.value) == "the upstream transfer failed"
+    assert "10.0.0.1" not in json.dumps(failure.value.registry_error(200).body())
+    assert "10.0.0.1" in caplog.text

@@ -16,6 +16,7 @@ from depproxy_pyramid.migrations import (
 from depproxy_pyramid.models import Base, Group, get_engine
 from tests.conftest import Database
 
+HEAD = "0002"
 TABLES = {
     "depproxy_groups",
     "depproxy_users",
@@ -23,6 +24,7 @@ TABLES = {
     "depproxy_personal_access_tokens",
     "depproxy_deploy_tokens",
     "depproxy_group_settings",
+    "depproxy_upstream_credentials",
     "depproxy_image_ttl_policies",
     "depproxy_blobs",
     "depproxy_manifests",
@@ -38,12 +40,12 @@ def test_upgrade_matches_models_and_downgrade_empties(empty_database_url):
             assert set(sa.inspect(connection).get_table_names()) == TABLES | {VERSION_TABLE}
             context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
             assert compare_metadata(context, Base.metadata) == []
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == HEAD
         downgrade(engine, "base")
         with engine.connect() as connection:
             assert set(sa.inspect(connection).get_table_names()) == {VERSION_TABLE}
         upgrade(engine)
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == HEAD
     finally:
         engine.dispose()
 
@@ -58,11 +60,23 @@ def test_every_table_index_and_constraint_name_is_prefixed():
             assert "depproxy_" in str(index.name), (table.name, index.name)
 
 
+def _legacy_columns(table: str) -> list[sa.Column]:
+    """Columns 0.1 had that are gone: one upstream credential per group, in its settings."""
+    if table != "depproxy_group_settings":
+        return []
+    return [
+        sa.Column("upstream_username", sa.String(255)),
+        sa.Column("upstream_password_encrypted", sa.String(1024)),
+    ]
+
+
 def _create_legacy_schema(connection: sa.Connection) -> None:
     """Version 0.1's tables: today's columns under the old names, versioned in alembic_version."""
     legacy = sa.MetaData()
     for table in Base.metadata.sorted_tables:
-        columns = []
+        if table.name not in OLD_NAMES:
+            continue
+        columns = _legacy_columns(table.name)
         for column in table.columns:
             references = [
                 sa.ForeignKey(
@@ -125,8 +139,16 @@ def test_a_version_0_1_database_is_adopted_with_every_row(empty_database_url):
                 ),
                 {"now": now},
             )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO dependency_proxy_group_settings (group_id, enabled, "
+                    "upstream_username, upstream_password_encrypted, updated_at) VALUES "
+                    "(7, true, 'bot', 'sealed-password', :now), (9, true, NULL, NULL, :now)"
+                ),
+                {"now": now},
+            )
 
-        upgrade(engine)
+        upgrade(engine, default_registry="mirror.example:5000")
 
         with engine.connect() as connection:
             assert set(sa.inspect(connection).get_table_names()) == TABLES | {VERSION_TABLE}
@@ -139,7 +161,14 @@ def test_a_version_0_1_database_is_adopted_with_every_row(empty_database_url):
             assert connection.execute(
                 sa.text("SELECT id, storage_key FROM depproxy_blobs")
             ).all() == [(5, "9/blobs/ab")]
-        assert current_revision(engine) == "0001"
+            # 0.1's single credential now belongs to the default upstream only.
+            assert connection.execute(
+                sa.text(
+                    "SELECT group_id, registry_host, username, password_encrypted "
+                    "FROM depproxy_upstream_credentials"
+                )
+            ).all() == [(7, "mirror.example:5000", "bot", "sealed-password")]
+        assert current_revision(engine) == HEAD
         # New rows get ids after the adopted ones.
         manager, session = Database(empty_database_url).session()
         with manager:
@@ -148,6 +177,65 @@ def test_a_version_0_1_database_is_adopted_with_every_row(empty_database_url):
             session.flush()
             assert group.id > 9
         upgrade(engine)  # and once adopted, upgrading again changes nothing
+        assert current_revision(engine) == HEAD
+    finally:
+        engine.dispose()
+
+
+def test_group_credentials_move_to_the_default_registry_and_back(empty_database_url):
+    engine = get_engine({"sqlalchemy.url": empty_database_url})
+    now = datetime.now(UTC)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO depproxy_groups (id, parent_id, path, name, visibility, "
+                    "created_at) VALUES (1, NULL, 'a', 'a', 'private', :now), "
+                    "(2, NULL, 'b', 'b', 'private', :now), (3, NULL, 'c', 'c', 'private', :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO depproxy_group_settings (group_id, enabled, upstream_username, "
+                    "upstream_password_encrypted, updated_at) VALUES "
+                    "(1, true, 'bot', 'sealed', :now), (2, true, NULL, NULL, :now), "
+                    "(3, false, '', 'sealed', :now)"
+                ),
+                {"now": now},
+            )
+
+        upgrade(engine)
+
+        rows = "SELECT group_id, registry_host, username, password_encrypted FROM "
+        with engine.connect() as connection:
+            assert connection.execute(sa.text(rows + "depproxy_upstream_credentials")).all() == [
+                (1, "registry-1.docker.io", "bot", "sealed")
+            ]
+            columns = {
+                c["name"] for c in sa.inspect(connection).get_columns("depproxy_group_settings")
+            }
+            assert columns == {"group_id", "enabled", "updated_at"}
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO depproxy_upstream_credentials (group_id, registry_host, "
+                    "username, password_encrypted, updated_at) VALUES "
+                    "(2, 'ghcr.io', 'other', 'sealed-too', :now)"
+                ),
+                {"now": now},
+            )
+
+        downgrade(engine, "0001")
+
+        with engine.connect() as connection:
+            assert connection.execute(
+                sa.text(
+                    "SELECT group_id, upstream_username, upstream_password_encrypted "
+                    "FROM depproxy_group_settings ORDER BY group_id"
+                )
+            ).all() == [(1, "bot", "sealed"), (2, None, None), (3, None, None)]
         assert current_revision(engine) == "0001"
     finally:
         engine.dispose()

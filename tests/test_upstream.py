@@ -30,6 +30,7 @@ from depproxy_pyramid.upstream import (
 )
 from depproxy_pyramid.upstream import tokens as tokens_module
 from depproxy_pyramid.upstream import transport as transport_module
+from depproxy_pyramid.upstream.tokens import RealmPolicy
 
 REG = "https://registry.example"
 REALM = "https://auth.example/token"
@@ -38,6 +39,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ALICE = Credentials("alice", "alice-secret")
 BOB = Credentials("bob", "bob-secret")
+# The token realm of these tests is on another host: it must be allowed to get credentials.
+AUTH_EXAMPLE = RealmPolicy(REG, ["auth.example"])
 
 
 def sha256(data: bytes) -> str:
@@ -78,6 +81,12 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     for module in (tokens_module, transport_module):
         monkeypatch.setattr(module, "time", fake)
     return fake
+
+
+@pytest.fixture(autouse=True)
+def public_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every name a redirect names resolves to a public address (responses connects nowhere)."""
+    monkeypatch.setattr(transport_module, "resolve_addresses", lambda host, port: ["192.0.43.10"])
 
 
 @pytest.fixture
@@ -325,10 +334,10 @@ def test_access_token_field_is_accepted(rsps, client):
 
 def test_credentials_go_only_to_the_realm(rsps, tokens, registry):
     creds = Credentials("alice", "pässwörd")
-    client = UpstreamClient(REG, creds)
+    client = UpstreamClient(REG, realms=AUTH_EXAMPLE)
     registry.add("GET", MANIFEST_PATH, body=MANIFEST, headers=manifest_headers())
 
-    client.get_manifest("library/alpine", "latest")
+    client.get_manifest("library/alpine", "latest", credentials=creds)
 
     expected = "Basic " + base64.b64encode("alice:pässwörd".encode()).decode()
     assert [auth for auth, _ in tokens.issued] == [expected]
@@ -349,11 +358,11 @@ def test_token_is_cached_and_sent_proactively(rsps, client, tokens, registry):
 
 
 def test_tokens_are_separated_by_credentials(rsps, tokens, registry):
-    client = UpstreamClient(REG, ALICE)
+    client = UpstreamClient(REG, realms=AUTH_EXAMPLE)
     registry.add("GET", MANIFEST_PATH, body=MANIFEST, headers=manifest_headers())
     bob_with_other_password = Credentials("bob", "different")
 
-    client.get_manifest("library/alpine", "latest")  # default credentials: alice
+    client.get_manifest("library/alpine", "latest", credentials=ALICE)
     client.get_manifest("library/alpine", "latest", credentials=BOB)
     client.get_manifest("library/alpine", "latest", credentials=bob_with_other_password)
     anonymous = UpstreamClient(REG)
@@ -378,7 +387,7 @@ def test_tokens_are_separated_by_credentials(rsps, tokens, registry):
     ]
 
     client.get_manifest("library/alpine", "latest", credentials=BOB)
-    client.get_manifest("library/alpine", "latest")
+    client.get_manifest("library/alpine", "latest", credentials=ALICE)
     assert registry.auths()[-2:] == ["Bearer t2", "Bearer t1"]
     assert len(tokens.issued) == 4
 
@@ -448,7 +457,7 @@ def test_404_is_not_found(rsps, client, tokens, registry):
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_realm_rejecting_credentials_is_auth_failed(rsps, status):
-    client = UpstreamClient(REG, ALICE)
+    client = UpstreamClient(REG, realms=AUTH_EXAMPLE)
     rsps.add(responses.GET, REALM, status=status)
     rsps.add(
         responses.GET,
@@ -457,14 +466,14 @@ def test_realm_rejecting_credentials_is_auth_failed(rsps, status):
         headers={"WWW-Authenticate": bearer_challenge("repository:library/alpine:pull")},
     )
     with pytest.raises(UpstreamAuthFailed) as info:
-        client.get_manifest("library/alpine", "latest")
+        client.get_manifest("library/alpine", "latest", credentials=ALICE)
     assert info.value.status == status
     assert "alice-secret" not in str(info.value)
     assert len(rsps.calls) == 2
 
 
 def test_plain_http_realm_gets_no_credentials_from_https_upstream(rsps):
-    client = UpstreamClient(REG, ALICE)
+    client = UpstreamClient(REG, realms=AUTH_EXAMPLE)
     rsps.add(responses.GET, "http://auth.example/token", json={"token": "x"})
     rsps.add(
         responses.GET,
@@ -473,7 +482,7 @@ def test_plain_http_realm_gets_no_credentials_from_https_upstream(rsps):
         headers={"WWW-Authenticate": bearer_challenge("s", realm="http://auth.example/token")},
     )
     with pytest.raises(UpstreamUnavailable, match="plain-http"):
-        client.get_manifest("library/alpine", "latest")
+        client.get_manifest("library/alpine", "latest", credentials=ALICE)
     assert len(rsps.calls) == 1
 
 
@@ -575,20 +584,20 @@ def basic_registry(rsps, creds: Credentials) -> list[str | None]:
 
 def test_basic_upstream_gets_credentials_directly(rsps):
     seen = basic_registry(rsps, ALICE)
-    client = UpstreamClient(REG, ALICE)
-    client.get_manifest("library/alpine", "latest")
-    client.get_manifest("library/alpine", "latest")
+    client = UpstreamClient(REG)
+    client.get_manifest("library/alpine", "latest", credentials=ALICE)
+    client.get_manifest("library/alpine", "latest", credentials=ALICE)
     assert seen == [None, basic_header(ALICE), basic_header(ALICE)]
 
 
 def test_basic_upstream_with_wrong_credentials_is_auth_failed(rsps):
     seen = basic_registry(rsps, ALICE)
-    client = UpstreamClient(REG, BOB)
+    client = UpstreamClient(REG)
     with pytest.raises(UpstreamAuthFailed) as info:
-        client.get_manifest("library/alpine", "latest")
+        client.get_manifest("library/alpine", "latest", credentials=BOB)
     assert info.value.status == 401
     with pytest.raises(UpstreamAuthFailed):  # now sent proactively, still rejected
-        client.get_manifest("library/alpine", "latest")
+        client.get_manifest("library/alpine", "latest", credentials=BOB)
     assert seen == [None, basic_header(BOB), basic_header(BOB)]
 
 
@@ -843,12 +852,13 @@ def test_manifest_media_type_from_body_when_header_is_generic(rsps, client):
 
 def test_manifest_without_any_media_type_is_unavailable(rsps, client):
     rsps.add(responses.GET, REG + MANIFEST_PATH, body=b'{"schemaVersion": 2}', content_type=None)
-    with pytest.raises(UpstreamUnavailable, match="media type"):
+    with pytest.raises(UpstreamUnavailable, match="not a manifest"):
         client.get_manifest("library/alpine", "latest")
 
 
 def test_manifest_of_exactly_the_limit_is_accepted(rsps, client):
-    body = b"x" * upstream.MAX_MANIFEST_SIZE
+    head = b'{"schemaVersion": 2, "annotations": {"padding": "'
+    body = head + b"x" * (upstream.MAX_MANIFEST_SIZE - len(head) - 3) + b'"}}'
     rsps.add(responses.GET, REG + MANIFEST_PATH, body=body, content_type=OCI_MANIFEST)
     assert client.get_manifest("library/alpine", "latest").size == upstream.MAX_MANIFEST_SIZE
 
@@ -1178,7 +1188,6 @@ def test_head_manifest_read_timeout_override(rsps, monkeypatch):
 def upstreams():
     reg = UpstreamRegistry(
         "https://registry-1.docker.io",
-        ALICE,
         {"ghcr.io": "https://ghcr.io", "REG.example:5000": "http://reg.example:5000"},
     )
     yield reg
@@ -1201,13 +1210,14 @@ def upstreams():
 def test_resolve_default_docker_hub(upstreams, image, name):
     client, resolved = upstreams.resolve(image)
     assert client is upstreams.default
-    assert client.credentials == ALICE
+    assert upstreams.registry_of(client) == "registry-1.docker.io"
     assert resolved == name
 
 
 def test_resolve_extra_hosts(upstreams):
     client, name = upstreams.resolve("ghcr.io/owner/image")
-    assert (client.base_url, name, client.credentials) == ("https://ghcr.io", "owner/image", None)
+    assert (client.base_url, name) == ("https://ghcr.io", "owner/image")
+    assert upstreams.registry_of(client) == "ghcr.io"
     client, name = upstreams.resolve("ghcr.io/single")
     assert (client.base_url, name) == ("https://ghcr.io", "single")
     client, name = upstreams.resolve("reg.example:5000/team/app")
@@ -1270,7 +1280,6 @@ def test_resolve_non_docker_hub_default():
 def test_registry_passes_client_options():
     reg = UpstreamRegistry(
         "https://r.example",
-        None,
         {"ghcr.io": "https://ghcr.io"},
         connect_timeout=1,
         read_timeout=2,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from pyramid.router import Router
+from sqlalchemy import select
 
 from depproxy_pyramid.credentials import (
     DEPLOY_TOKEN_PREFIX,
@@ -22,6 +26,9 @@ from depproxy_pyramid.models import (
     User,
     Visibility,
 )
+
+if TYPE_CHECKING:
+    from tests.conftest import Database
 
 PASSWORD = "correct horse battery staple"
 
@@ -97,6 +104,7 @@ def build_world(database) -> World:
 
         for label, group_path, extra in [
             ("deploy_token", "priv", {}),
+            ("pub_deploy_token", "pub", {}),
             ("revoked_deploy_token", "priv", {"revoked": True}),
             ("expired_deploy_token", "priv", {"expires_at": now - timedelta(seconds=1)}),
         ]:
@@ -115,3 +123,45 @@ def build_world(database) -> World:
             world.credentials[label] = (username, secret)
         session.flush()
     return world
+
+
+def add_personal_access_token(
+    database: Database, username: str, scopes: str
+) -> tuple[tuple[str, str], int]:
+    """A fresh live token of `username`: (the Basic credentials, its id)."""
+    secret = new_token(PERSONAL_TOKEN_PREFIX)
+    manager, session = database.session()
+    with manager:
+        owner = session.scalar(select(User).where(User.username == username))
+        token = PersonalAccessToken(
+            user=owner, name=f"t-{secret[-8:]}", token_digest=token_digest(secret), scopes=scopes
+        )
+        session.add(token)
+        session.flush()
+        token_id = token.id
+    return (username, secret), token_id
+
+
+def end_personal_access_token(database: Database, token_id: int, how: str) -> None:
+    """Revoke the token (`how="revoke"`) or let it expire (`how="expire"`)."""
+    manager, session = database.session()
+    with manager:
+        token = session.get(PersonalAccessToken, token_id)
+        if how == "revoke":
+            token.revoked = True
+        else:
+            token.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+
+
+def deploy_token_id(database: Database, label: str) -> int:
+    manager, session = database.session()
+    with manager:
+        return session.scalar(select(DeployToken.id).where(DeployToken.name == label))
+
+
+def fresh_sign_in_limits(app: Router) -> None:
+    """Forget the failed sign-ins counted so far: a module's tests share one app."""
+    from depproxy_pyramid.throttle import ISignInGuard, SignInGuard
+
+    settings = app.registry["depproxy.settings"]
+    app.registry.registerUtility(SignInGuard.from_settings(settings), ISignInGuard)

@@ -64,6 +64,9 @@ class Group(Base):
     ttl_policy: Mapped[ImageTtlPolicy | None] = relationship(
         back_populates="group", uselist=False, cascade="all, delete-orphan"
     )
+    upstream_credentials: Mapped[list[UpstreamCredential]] = relationship(
+        back_populates="group", cascade="all, delete-orphan"
+    )
 
 
 class User(Base):
@@ -145,12 +148,28 @@ class ProxySettings(Base):
         ForeignKey("depproxy_groups.id", ondelete="CASCADE"), primary_key=True
     )
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    upstream_username: Mapped[str | None] = mapped_column(String(255))
-    # Fernet token of the password, keyed from the deployment's secret.
-    upstream_password_encrypted: Mapped[str | None] = mapped_column(String(1024))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     group: Mapped[Group] = relationship(back_populates="proxy_settings")
+
+
+class UpstreamCredential(Base):
+    """A group's credentials for one upstream registry; they are sent to nothing else."""
+
+    __tablename__ = "depproxy_upstream_credentials"
+
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("depproxy_groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    # The registry host as configured: the default upstream's host[:port], or a host of
+    # depproxy.upstream.registries.
+    registry_host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    username: Mapped[str] = mapped_column(String(255))
+    # A Fernet token of the password under the newest of depproxy.encryption.keys.
+    password_encrypted: Mapped[str] = mapped_column(String(1024))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    group: Mapped[Group] = relationship(back_populates="upstream_credentials")
 
 
 class ImageTtlPolicy(Base):

@@ -11,12 +11,12 @@ from datetime import UTC, datetime, timedelta
 from pyramid.paster import bootstrap, get_appsettings, setup_logging
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from ..credentials import (
     DEPLOY_TOKEN_PREFIX,
     PERSONAL_TOKEN_PREFIX,
-    encrypt_secret,
+    Keyring,
     hash_password,
     new_token,
     token_digest,
@@ -34,8 +34,10 @@ from ..models import (
     Visibility,
     engine_from_settings,
 )
+from ..models.accounts import UpstreamCredential
 from ..names import group_path_problem
-from ..settings import parse_settings
+from ..settings import Settings, parse_settings
+from ..upstream.routing import default_registry_host, registry_hosts
 
 MAX_PASSWORD = 1024
 
@@ -173,22 +175,72 @@ def proxy_set(dbsession: Session, args: argparse.Namespace, settings) -> str:
     return f"dependency proxy {'enabled' if proxy.enabled else 'disabled'} for {group.path}"
 
 
-def proxy_credentials(dbsession: Session, args: argparse.Namespace, settings) -> str:
+def _registry(settings: Settings, name: str | None, *, configured: bool = True) -> str:
+    """The registry host credentials for `name` are stored under; the default upstream's.
+
+    `configured=False` also accepts a host no longer configured, to clear what it left behind.
+    """
+    if name is None:
+        return default_registry_host(settings.upstream_url)
+    hosts = registry_hosts(settings.upstream_url, settings.upstream_registries)
+    registry = hosts.get(name.lower(), None if configured else name.lower())
+    if registry is None:
+        raise CommandError(
+            f"upstream registry {name!r} is not configured "
+            "(depproxy.upstream.url or depproxy.upstream.registries)"
+        )
+    return registry
+
+
+def proxy_credentials(dbsession: Session, args: argparse.Namespace, settings: Settings) -> str:
     group = _group(dbsession, args.group)
-    proxy = group.proxy_settings or ProxySettings(group=group)
+    registry = _registry(settings, args.registry, configured=not args.clear)
+    stored = dbsession.get(UpstreamCredential, (group.id, registry))
     if args.clear:
-        proxy.upstream_username = None
-        proxy.upstream_password_encrypted = None
-        message = f"upstream credentials cleared for {group.path}"
-    else:
-        if not args.username:
-            raise CommandError("--username is needed (or --clear)")
-        password = _read_secret(f"Upstream password for {args.username}: ")
-        proxy.upstream_username = args.username
-        proxy.upstream_password_encrypted = encrypt_secret(settings.jwt_secret, password)
-        message = f"upstream credentials set for {group.path}"
-    dbsession.add(proxy)
-    return message
+        if args.username:
+            raise CommandError("--clear takes no --username")
+        if stored is None:
+            return f"{group.path} has no upstream credentials for {registry}"
+        dbsession.delete(stored)
+        return f"upstream credentials for {registry} cleared for {group.path}"
+    if not args.username:
+        raise CommandError("--username is needed (or --clear)")
+    if len(args.username) > 255:
+        raise CommandError("upstream user names are at most 255 characters")
+    password = _read_secret(f"Password of {args.username} at {registry}: ")
+    encrypted = Keyring(settings.encryption_keys).encrypt(password)
+    if stored is None:
+        stored = UpstreamCredential(group=group, registry_host=registry)
+        dbsession.add(stored)
+    stored.username = args.username
+    stored.password_encrypted = encrypted
+    if group.proxy_settings is None:
+        group.proxy_settings = ProxySettings(enabled=True)
+    return f"upstream credentials for {registry} set for {group.path}"
+
+
+def rotate_keys(dbsession: Session, args: argparse.Namespace, settings: Settings) -> str:
+    """Re-encrypt every stored upstream password under the newest key; all or nothing."""
+    keyring = Keyring(settings.encryption_keys)
+    rows = dbsession.scalars(
+        select(UpstreamCredential)
+        .options(joinedload(UpstreamCredential.group))
+        .order_by(UpstreamCredential.group_id, UpstreamCredential.registry_host)
+    ).all()
+    failed = []
+    for row in rows:
+        rotated = keyring.rotate(row.password_encrypted)
+        if rotated is None:
+            failed.append(f"group {row.group.path!r} ({row.registry_host})")
+        else:
+            row.password_encrypted = rotated
+    if failed:
+        raise CommandError(
+            f"the upstream credentials of {', '.join(failed)} do not decrypt with any key in "
+            "depproxy.encryption.keys: list the key they were encrypted under after the new "
+            "one, or set them again with `proxy credentials`; nothing was changed"
+        )
+    return f"re-encrypted {len(rows)} upstream credential(s) under the newest encryption key"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -242,22 +294,35 @@ def _parser() -> argparse.ArgumentParser:
         switch.set_defaults(handler=proxy_set, state=state)
     credentials = proxy.add_parser(
         "credentials",
-        help="set the group's upstream registry credentials (password from standard input)",
+        help="set the group's credentials for one upstream registry (password from standard "
+        "input); they are sent to that registry and its allowed token realms only",
     )
     credentials.add_argument("group")
+    credentials.add_argument(
+        "--registry",
+        metavar="HOST",
+        help="a configured upstream registry host (default: that of depproxy.upstream.url)",
+    )
     credentials.add_argument("--username")
     credentials.add_argument("--clear", action="store_true")
     credentials.set_defaults(handler=proxy_credentials)
+
+    rotate = commands.add_parser(
+        "rotate-keys",
+        help="re-encrypt every stored upstream credential under the newest key of "
+        "depproxy.encryption.keys",
+    )
+    rotate.set_defaults(handler=rotate_keys)
     return parser
 
 
 def initdb(config_uri: str) -> str:
     """Run the add-on's own migrations on its database; a host ini's `[alembic]` plays no part."""
     settings = get_appsettings(config_uri)
-    parse_settings(settings)
+    parsed = parse_settings(settings)
     engine = engine_from_settings(settings)
     try:
-        upgrade(engine)
+        upgrade(engine, default_registry=default_registry_host(parsed.upstream_url))
     finally:
         engine.dispose()
     return f"dependency proxy schema is up to date ({engine.url.render_as_string()})"

@@ -6,6 +6,10 @@ read the upstream response themselves: they read the spool file as it grows, so 
 disconnects cancels nothing, and late arrivals never go upstream. Until the digest is verified
 every reader holds back the final byte, so no client can ever receive a complete wrong blob; a
 failed fill makes every reader raise, which cuts its connection short.
+
+Upstream decides how much it sends, so a fill is bounded: a blob declared or running larger than
+`FillLimits.max_size` is refused or cut, and all fills in flight together take no more than
+`FillLimits.disk_share` of the spool's free disk (`SpoolBudget`).
 """
 
 from __future__ import annotations
@@ -14,18 +18,22 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
 
+from ..errors import RegistryError
 from ..upstream import BlobResponse, UpstreamError
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 SPOOL_PREFIX = "fill-"
+SPOOL_FULL_RETRY_AFTER = 60  # seconds; about what a few large fills take to finish
 
 
 def remove_abandoned_spool_files(spool_dir: str) -> int:
@@ -52,18 +60,105 @@ def remove_abandoned_spool_files(spool_dir: str) -> int:
 
 
 class FillError(Exception):
-    """The upstream transfer failed or its bytes did not match the digest; nothing was kept."""
+    """The upstream transfer failed or its bytes did not match the digest; nothing was kept.
+
+    The message names no upstream host, port or URL: clients see it.
+    """
+
+    def registry_error(self, upstream_status: int | None = None) -> RegistryError:
+        return RegistryError(
+            502,
+            "UNAVAILABLE",
+            f"fetching the blob from upstream failed: {self}",
+            {"upstream_status": upstream_status},
+        )
+
+
+class BlobTooLarge(FillError):
+    """The blob is larger than the configured maximum: refused up front, or cut at the cap."""
+
+    @classmethod
+    def over(cls, limit: int) -> BlobTooLarge:
+        return cls(f"the blob is larger than this proxy's limit of {limit} bytes")
+
+    def registry_error(self, upstream_status: int | None = None) -> RegistryError:
+        # A refusal by policy, as for a disabled group: retrying cannot help.
+        return RegistryError(403, "DENIED", str(self))
+
+
+class SpoolFull(FillError):
+    """The blob would take the fills in flight past their share of the spool's disk."""
+
+    def registry_error(self, upstream_status: int | None = None) -> RegistryError:
+        return RegistryError(
+            503,
+            "UNAVAILABLE",
+            f"{self}; retry later",
+            None,
+            {"Retry-After": str(SPOOL_FULL_RETRY_AFTER)},
+        )
+
+
+@dataclass(frozen=True)
+class FillLimits:
+    """`max_size`: bytes one blob may have (None: any); `disk_share`: the share of the spool's
+    free disk all fills in flight may take together."""
+
+    max_size: int | None = None
+    disk_share: float = 1.0
+
+
+class SpoolBudget:
+    """The spool space claimed by the fills in flight in this process.
+
+    A fill claims its declared size before it downloads anything, or, of unknown size, each
+    chunk before writing it. Claims together stay within the share of the disk space that
+    would be free were the spool empty of fills (free now plus what they have written).
+    """
+
+    def __init__(self, spool_dir: str) -> None:
+        self._spool_dir = spool_dir
+        self._lock = threading.Lock()
+        self._claims: dict[Fill, int] = {}
+
+    def claim(self, fill: Fill, total: int, share: float) -> None:
+        """Let `fill` hold `total` bytes in the spool, or raise SpoolFull."""
+        with self._lock:
+            others = [(f, claimed) for f, claimed in self._claims.items() if f is not fill]
+            free = shutil.disk_usage(self._spool_dir).free
+            written = fill.written + sum(f.written for f, _ in others)
+            budget = share * (free + written)
+            claimed = total + sum(claimed for _, claimed in others)
+            if claimed > budget:
+                raise SpoolFull("the proxy's spool has no room for this blob now")
+            self._claims[fill] = total
+
+    def release(self, fill: Fill) -> None:
+        with self._lock:
+            self._claims.pop(fill, None)
+
+    def claimed(self) -> int:
+        with self._lock:
+            return sum(self._claims.values())
 
 
 class Fill:
     """One blob transfer from upstream into the spool, and the readers following it."""
 
-    def __init__(self, digest: str, spool_dir: str) -> None:
+    def __init__(
+        self,
+        digest: str,
+        spool_dir: str,
+        limits: FillLimits | None = None,
+        budget: SpoolBudget | None = None,
+    ) -> None:
         self.digest = digest
         self.size: int | None = None
         self.content_type = "application/octet-stream"
         self.upstream_status: int | None = None
         self.error: Exception | None = None
+        self.limits = limits or FillLimits()
+        self._budget = budget or SpoolBudget(spool_dir)
         self._written = 0
         self._started = False
         self._verified = False
@@ -85,8 +180,16 @@ class Fill:
         """Transfer, verify, then commit; any failure is recorded for the readers to raise."""
         algorithm, _, expected = self.digest.partition(":")
         hasher = hashlib.new(algorithm)
+        max_size = self.limits.max_size
+        claimed = 0
         try:
             with open_upstream() as response:
+                # Refused before a body byte is read: closing the response drops the rest.
+                if response.size is not None:
+                    if max_size is not None and response.size > max_size:
+                        raise BlobTooLarge.over(max_size)
+                    self._budget.claim(self, response.size, self.limits.disk_share)
+                    claimed = response.size
                 with self._cond:
                     self.size = response.size
                     self.upstream_status = response.status
@@ -96,8 +199,14 @@ class Fill:
                     self._started = True
                     self._cond.notify_all()
                 for chunk in response.iter_chunks(CHUNK_SIZE):
-                    if self.size is not None and self._written + len(chunk) > self.size:
+                    total = self._written + len(chunk)
+                    if self.size is not None and total > self.size:
                         raise FillError(f"upstream sent more than the {self.size} bytes announced")
+                    if max_size is not None and total > max_size:
+                        raise BlobTooLarge.over(max_size)
+                    if total > claimed:
+                        self._budget.claim(self, total, self.limits.disk_share)
+                        claimed = total
                     self._out.write(chunk)
                     self._out.flush()
                     hasher.update(chunk)
@@ -124,10 +233,23 @@ class Fill:
         finally:
             self._out.close()
 
+    @property
+    def written(self) -> int:
+        return self._written
+
     def _fail(self, error: Exception) -> None:
         # Gone before any reader hears of the failure: nothing of it outlives the response.
         with suppress(FileNotFoundError):
             os.unlink(self.spool_path)
+        if not self._verified:
+            detail = getattr(error, "detail", "")
+            log.warning(
+                "blob fill for %s failed after %d bytes: %s%s",
+                self.digest,
+                self._written,
+                error,
+                f" ({detail})" if detail else "",
+            )
         with self._cond:
             # A commit failure after verification leaves readers with correct bytes to finish.
             if not self._verified:
@@ -144,6 +266,23 @@ class Fill:
             if self.error is not None:
                 raise self.error
 
+    def wait_verified(self) -> None:
+        """Block until the whole blob is in and matches its digest; raise FillError if not."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._verified or self.error is not None)
+            if not self._verified:
+                raise self._reader_error()
+
+    def _reader_error(self) -> FillError:
+        """The failure as a reader may tell its client: never the upstream's own message,
+        which can name hosts and addresses (the log has it)."""
+        error = self.error
+        if isinstance(error, FillError):
+            return type(error)(str(error))
+        if isinstance(error, UpstreamError):
+            return FillError("the upstream transfer failed")
+        return FillError("the transfer failed; the details are in the server log")
+
     def read(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes `start..end-1` (to the end of the blob when `end` is None), as they land."""
         position = start
@@ -151,7 +290,7 @@ class Fill:
             with self._cond:
                 while True:
                     if self.error is not None:
-                        raise FillError(str(self.error))
+                        raise self._reader_error()
                     if self._verified:
                         available = self._written
                     else:
@@ -183,6 +322,7 @@ class BlobFills:
             log.info("removed %d spool files left by interrupted fills", removed)
         self._fills: dict[tuple[int, str], Fill] = {}
         self._lock = threading.Lock()
+        self.budget = SpoolBudget(spool_dir)
 
     def join_or_start(
         self,
@@ -190,8 +330,12 @@ class BlobFills:
         digest: str,
         is_cached: Callable[[], bool],
         open_upstream: Callable[[], AbstractContextManager[BlobResponse]],
+        limits: FillLimits | None = None,
     ) -> Fill | None:
-        """The fill in flight for the blob, a new one, or None when it has been cached since."""
+        """The fill in flight for the blob, a new one, or None when it has been cached since.
+
+        `limits` bound a new fill; one already in flight keeps its own.
+        """
         key = (group_id, digest)
         with self._lock:
             fill = self._fills.get(key)
@@ -201,7 +345,7 @@ class BlobFills:
             # window between a caller's cache miss and a fill that finished meanwhile.
             if is_cached():
                 return None
-            fill = Fill(digest, self._spool_dir)
+            fill = Fill(digest, self._spool_dir, limits, self.budget)
             self._fills[key] = fill
         threading.Thread(
             target=self._run,
@@ -220,6 +364,7 @@ class BlobFills:
         try:
             fill.run(open_upstream, lambda done: self._commit(key[0], done))
         finally:
+            self.budget.release(fill)
             with self._lock:
                 del self._fills[key]
 

@@ -7,24 +7,26 @@ concurrent insert of the same cache row must not poison the request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..credentials import decrypt_secret
+from ..credentials import Keyring
 from ..errors import RegistryError
 from ..metrics import Metrics
-from ..models import CachedBlob, CachedManifest, CachedTag, CacheStatus, ProxySettings
+from ..models import CachedBlob, CachedManifest, CachedTag, CacheStatus, Group, ProxySettings
+from ..models.accounts import UpstreamCredential
 from ..settings import Settings
 from ..storage import BlobNotFound, Storage
 from ..upstream import (
@@ -40,7 +42,9 @@ from ..upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .fills import BlobFills, Fill
+from ..upstream.client import UpstreamClient
+from ..upstream.transport import UpstreamInvalid
+from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,27 @@ class ServedManifest:
 
 
 @dataclass(frozen=True)
+class StoredCredential:
+    username: str
+    password_encrypted: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class GroupUpstream:
-    """Everything about a group the proxy needs, detached from the request's session."""
+    """Everything about a group the proxy needs, detached from the request's session.
+
+    `path` and `stored` are None when the request had no proxy settings row to reach them by;
+    the service then loads them itself, once the request's transaction is over.
+    """
 
     group_id: int
-    credentials: Credentials | None
+    path: str | None
+    # Registry host -> the group's own credentials for it, still encrypted.
+    stored: Mapping[str, StoredCredential] | None
+
+
+def _stored(rows: Iterable[UpstreamCredential]) -> dict[str, StoredCredential]:
+    return {r.registry_host: StoredCredential(r.username, r.password_encrypted) for r in rows}
 
 
 def storage_key(group_id: int, kind: str, digest: str) -> str:
@@ -73,8 +93,21 @@ def storage_key(group_id: int, kind: str, digest: str) -> str:
 
 
 def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> RegistryError:
-    """The registry error a client sees when upstream failed and nothing is cached."""
+    """The registry error a client sees when upstream failed and nothing is cached.
+
+    Its message never repeats the upstream error's own, which can name upstream hosts, ports,
+    addresses and redirect targets: those go to the server log, at WARNING.
+    """
     detail = {"upstream_status": error.status} if error.status else None
+    particulars = getattr(error, "detail", "")
+    log.log(
+        logging.INFO if isinstance(error, UpstreamNotFound) else logging.WARNING,
+        "upstream failed for %s: %s: %s%s",
+        what,
+        type(error).__name__,
+        error.message,
+        f" ({particulars})" if particulars else "",
+    )
     if isinstance(error, UpstreamNotFound):
         return RegistryError(
             404,
@@ -86,26 +119,33 @@ def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> Regist
     if isinstance(error, UpstreamRateLimited):
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
         return RegistryError(
-            429,
-            "TOOMANYREQUESTS",
-            f"the upstream registry is rate limiting: {error.message}",
-            detail,
-            headers,
+            429, "TOOMANYREQUESTS", "the upstream registry is rate limiting", detail, headers
         )
     if isinstance(error, UpstreamRefused):
+        # Names only what the client asked for: an unconfigured registry, an unsafe name.
         return RegistryError(400, "NAME_INVALID", error.message)
     if isinstance(error, UpstreamAuthFailed):
         return RegistryError(
             502,
             "UNKNOWN",
-            f"the upstream registry rejected the configured credentials: {error.message}",
+            "upstream authentication failed: the configured credentials were rejected or "
+            "missing, or upstream asked for them somewhere they may not go (details in the "
+            "server log)",
             detail,
         )
     if isinstance(error, UpstreamBadDigest):
-        return RegistryError(502, "UNKNOWN", f"upstream sent corrupt content: {error.message}")
+        return RegistryError(502, "UNKNOWN", "upstream sent content that does not match its digest")
+    if isinstance(error, UpstreamInvalid):
+        reason = error.message  # written to be shown: names no host
+    elif isinstance(error, UpstreamTimeout):
+        reason = "upstream timed out"
+    elif error.status:
+        reason = f"upstream answered {error.status}"
+    else:
+        reason = "upstream could not be reached"
     status = 504 if isinstance(error, UpstreamTimeout) else 503 if error.status == 503 else 502
     return RegistryError(
-        status, "UNAVAILABLE", f"the upstream registry is unavailable: {error.message}", detail
+        status, "UNAVAILABLE", f"the upstream registry is unavailable: {reason}", detail
     )
 
 
@@ -144,20 +184,52 @@ class ProxyService:
             yield session
 
     def group_upstream(self, group_id: int, settings: ProxySettings | None) -> GroupUpstream:
-        credentials = None
-        if settings is not None and settings.upstream_username:
-            password = decrypt_secret(
-                self.settings.jwt_secret, settings.upstream_password_encrypted or ""
+        if settings is None:
+            return GroupUpstream(group_id, None, None)
+        group = settings.group
+        return GroupUpstream(group_id, group.path, _stored(group.upstream_credentials))
+
+    @functools.cached_property
+    def keyring(self) -> Keyring:
+        return Keyring(self.settings.encryption_keys)
+
+    def _credentials(self, group: GroupUpstream, registry: str) -> Credentials | None:
+        """Who this group pulls from `registry` as: its own credentials for that registry, else
+        the instance-wide ones if it may use them, else nobody (anonymous)."""
+        path, stored = group.path, group.stored
+        if path is None or stored is None:
+            with self._transaction() as session:
+                row = session.get(Group, group.group_id)
+                if row is None:
+                    raise RegistryError(404, "NAME_UNKNOWN", "the group no longer exists")
+                path, stored = row.path, _stored(row.upstream_credentials)
+        own = stored.get(registry)
+        if own is None:
+            return self.upstreams.instance_credentials_for(registry, path)
+        password = self.keyring.decrypt(own.password_encrypted)
+        if password is None:
+            # Never another identity instead: that would change what the group can pull.
+            log.error(
+                "the upstream credentials of group %s for %s do not decrypt with any key in "
+                "depproxy.encryption.keys: run `depproxy-admin CONFIG_URI rotate-keys` with the "
+                "key they were encrypted under listed, or `depproxy-admin CONFIG_URI proxy "
+                "credentials %s --registry %s` to set them again",
+                path,
+                registry,
+                path,
+                registry,
             )
-            if password is None:
-                log.error(
-                    "upstream credentials of group %s cannot be decrypted with the current "
-                    "depproxy.jwt.secret; pulling anonymously",
-                    group_id,
-                )
-            else:
-                credentials = Credentials(settings.upstream_username, password)
-        return GroupUpstream(group_id, credentials)
+            # The registry host stays in the log: the default upstream's may be internal.
+            raise RegistryError(
+                500,
+                "UNKNOWN",
+                f"the upstream credentials of group {path!r} cannot be decrypted with the "
+                "configured depproxy.encryption.keys: an operator must run `depproxy-admin "
+                "CONFIG_URI rotate-keys` with the key they were encrypted under listed, or set "
+                "the group's upstream credentials again (details in the server log)",
+                {"group": path},
+            )
+        return Credentials(own.username, password)
 
     # Manifests
 
@@ -251,12 +323,12 @@ class ProxyService:
         cached: CachedManifest,
         content: bytes,
     ) -> ServedManifest:
-        client, name = self._resolve(image)
+        client, name, credentials = self._resolve(group, image)
         try:
             current = client.head_manifest(
                 name,
                 tag,
-                credentials=group.credentials,
+                credentials=credentials,
                 read_timeout=self.settings.upstream_revalidate_timeout,
             )
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
@@ -288,11 +360,15 @@ class ProxyService:
             return ServedManifest(content, cached.content_type, cached.digest, "hit", 200)
         return self._fetch_manifest(group, image, tag, result="miss", stale=(cached, content))
 
-    def _resolve(self, image: str):
+    def _resolve(
+        self, group: GroupUpstream, image: str
+    ) -> tuple[UpstreamClient, str, Credentials | None]:
+        """The upstream of `image`, its name there, and the credentials `group` pulls it with."""
         try:
-            return self.upstreams.resolve(image)
+            client, name = self.upstreams.resolve(image)
         except UpstreamRefused as error:
             raise upstream_error(error, "NAME_UNKNOWN", image) from error
+        return client, name, self._credentials(group, self.upstreams.registry_of(client))
 
     def _fetch_manifest(
         self,
@@ -303,13 +379,22 @@ class ProxyService:
         result: str,
         stale: tuple[CachedManifest, bytes] | None = None,
     ) -> ServedManifest:
-        client, name = self._resolve(image)
+        client, name, credentials = self._resolve(group, image)
         try:
-            manifest = client.get_manifest(name, reference, credentials=group.credentials)
+            manifest = client.get_manifest(name, reference, credentials=credentials)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             if stale is not None and isinstance(error, UpstreamUnavailable | UpstreamRateLimited):
                 cached, content = stale
+                # Whatever upstream sent instead (a non-manifest, say) is neither kept nor served.
+                log.warning(
+                    "serving stale %s:%s (%s) because fetching its new digest failed: %s%s",
+                    image,
+                    reference,
+                    cached.digest,
+                    error.message,
+                    f" ({error.detail})" if isinstance(error, UpstreamInvalid) else "",
+                )
                 return ServedManifest(content, cached.content_type, cached.digest, "stale")
             raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{reference}") from error
         self._store_manifest(group.group_id, image, reference, manifest)
@@ -379,26 +464,31 @@ class ProxyService:
             session.execute(CachedBlob.__table__.delete().where(CachedBlob.id == row.id))
 
     def head_blob_upstream(self, group: GroupUpstream, image: str, digest: str) -> BlobRef:
-        client, name = self._resolve(image)
+        client, name, credentials = self._resolve(group, image)
         try:
-            return client.head_blob(name, digest, credentials=group.credentials)
+            ref = client.head_blob(name, digest, credentials=credentials)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
             raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
+        if ref.size > self.settings.blob_max_size:
+            log.warning("blob %s declared %d bytes upstream: over the limit", digest, ref.size)
+            raise BlobTooLarge.over(self.settings.blob_max_size).registry_error()
+        return ref
 
     def blob_fill(self, group: GroupUpstream, image: str, digest: str) -> Fill | None:
         """The fill serving this blob (joined or started), or None when it is now cached."""
-        client, name = self._resolve(image)
+        client, name, credentials = self._resolve(group, image)
 
         def open_upstream():
             self.metrics.upstream_fetches.inc()
-            return client.open_blob(name, digest, credentials=group.credentials)
+            return client.open_blob(name, digest, credentials=credentials)
 
         fill = self.fills.join_or_start(
             group.group_id,
             digest,
             lambda: self.cached_blob(group.group_id, digest) is not None,
             open_upstream,
+            FillLimits(self.settings.blob_max_size, self.settings.spool_max_disk_share),
         )
         if fill is None:
             return None
@@ -407,8 +497,13 @@ class ProxyService:
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
             raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
+        except FillError as error:
+            raise error.registry_error(fill.upstream_status) from error
         except Exception as error:
-            raise RegistryError(502, "UNKNOWN", f"fetching the blob failed: {error}") from error
+            # The fill logged it; its text (a spool path, say) is not the client's business.
+            raise RegistryError(
+                502, "UNKNOWN", "fetching the blob failed; the details are in the server log"
+            ) from error
         return fill
 
     def _commit_blob(self, group_id: int, fill: Fill) -> None:

@@ -20,10 +20,12 @@ from .errors import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from .tokens import Credentials, TokenCache
+from .tokens import Credentials, RealmPolicy, TokenCache
 from .transport import (
+    AddressGuard,
     BlobResponse,
     Transport,
+    UpstreamInvalid,
     content_length,
     content_type_of,
     raise_for_status,
@@ -43,6 +45,8 @@ DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+jso
 # hold the canonical object a digest names, independent of what the downstream client accepts,
 # so we always ask for the richest form (an index for multi-arch images).
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+MANIFEST_MEDIA_TYPES = frozenset((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+NOT_A_MANIFEST = "upstream sent something that is not a manifest"
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # Some registries omit Content-Type or send a generic one; then the manifest's own mediaType
@@ -103,18 +107,54 @@ def _manifest_label(name: str, reference: str) -> str:
     return f"manifest {name}{'@' if ':' in reference else ':'}{reference}"
 
 
+def manifest_media_type(content_type: str, content: bytes) -> str:
+    """The media type of what upstream sent as a manifest; UpstreamInvalid unless it is one.
+
+    A manifest is a JSON object with `schemaVersion` 2 in one of the four formats we ask for;
+    its `mediaType`, when present, must agree with the Content-Type. A generic Content-Type
+    leaves the body's own `mediaType` as the only word on the format.
+    """
+    try:
+        body = json.loads(content)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        raise UpstreamInvalid(NOT_A_MANIFEST, detail=f"{content_type or 'untyped'} non-JSON body")
+    version = body.get("schemaVersion")
+    if type(version) is not int or version != 2:
+        raise UpstreamInvalid(NOT_A_MANIFEST, detail=f"schemaVersion {version!r}")
+    embedded = body.get("mediaType")
+    media_type = embedded if content_type in _GENERIC_CONTENT_TYPES else content_type
+    if not isinstance(media_type, str) or media_type not in MANIFEST_MEDIA_TYPES:
+        detail = f"media type {str(media_type)[:100]!r}"
+        raise UpstreamInvalid(NOT_A_MANIFEST, detail=detail)
+    if "mediaType" in body and embedded != media_type:
+        raise UpstreamInvalid(
+            NOT_A_MANIFEST,
+            detail=f"Content-Type {media_type} but mediaType {str(embedded)[:100]!r}",
+        )
+    return media_type
+
+
 class UpstreamClient:
-    """Pull-only client for one upstream registry, safe to share between threads."""
+    """Pull-only client for one upstream registry, safe to share between threads.
+
+    It has no credentials of its own: each call names the ones it pulls with (None is
+    anonymous), and `realms` decides which token realms may receive them.
+    """
 
     def __init__(
         self,
         base_url: str,
-        credentials: Credentials | None = None,
         *,
+        realms: RealmPolicy | None = None,
         connect_timeout: float = 5,
         read_timeout: float = 30,
         user_agent: str = "depproxy-pyramid",
+        guard: AddressGuard | None = None,
     ) -> None:
+        """`guard` says where redirects may lead; by default public addresses and this
+        upstream itself."""
         parts = urlsplit(base_url)
         if (
             parts.scheme not in ("http", "https")
@@ -126,14 +166,14 @@ class UpstreamClient:
             raise ValueError("upstream base URL must be http(s), without userinfo or query")
         self.base_url = base_url.rstrip("/")
         self.host = parts.netloc.lower()
-        self.credentials = credentials
         self.transport = Transport(
             self.base_url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             user_agent=user_agent,
+            guard=guard,
         )
-        self.tokens = TokenCache(self.transport, self.host)
+        self.tokens = TokenCache(self.transport, self.host, realms or RealmPolicy(self.base_url))
         self._basic_upstream = False
 
     def close(self) -> None:
@@ -165,6 +205,10 @@ class UpstreamClient:
         digest = resp.headers.get("Docker-Content-Digest", "").strip()
         media_type = content_type_of(resp)
         size = content_length(resp)
+        if media_type not in _GENERIC_CONTENT_TYPES | MANIFEST_MEDIA_TYPES:
+            raise UpstreamInvalid(
+                NOT_A_MANIFEST, detail=f"HEAD of {_manifest_label(name, reference)}: {media_type}"
+            )
         if (
             _DIGEST.fullmatch(digest) is None
             or media_type in _GENERIC_CONTENT_TYPES
@@ -208,7 +252,12 @@ class UpstreamClient:
                     what,
                     digest,
                 )
-        return Manifest(content, self._manifest_media_type(resp, content, what), digest)
+        try:
+            media_type = manifest_media_type(content_type_of(resp), content)
+        except UpstreamInvalid as error:
+            error.detail = f"{what}: {error.detail}"
+            raise
+        return Manifest(content, media_type, digest)
 
     def head_blob(self, name: str, digest: str, credentials: Credentials | None = None) -> BlobRef:
         _check_name(name)
@@ -266,7 +315,7 @@ class UpstreamClient:
         method: str,
         name: str,
         path: str,
-        credentials: Credentials | None,
+        creds: Credentials | None,
         headers: Mapping[str, str],
         read_timeout: float | None = None,
     ) -> requests.Response:
@@ -274,7 +323,6 @@ class UpstreamClient:
 
         The caller must close the returned response and check its status.
         """
-        creds = credentials if credentials is not None else self.credentials
         url = f"{self.base_url}/v2/{name}/{path}"
         authorization = self._cached_authorization(name, creds)
         resp = self.transport.send(method, url, {**headers, **authorization}, read_timeout)
@@ -327,16 +375,3 @@ class UpstreamClient:
         raise UpstreamUnavailable(
             f"upstream {self.host} answered 401 without a usable challenge", status=401
         )
-
-    def _manifest_media_type(self, resp: requests.Response, content: bytes, what: str) -> str:
-        media_type = content_type_of(resp)
-        if media_type not in _GENERIC_CONTENT_TYPES:
-            return media_type
-        try:
-            body = json.loads(content)
-        except ValueError:
-            body = None
-        embedded = body.get("mediaType") if isinstance(body, dict) else None
-        if not isinstance(embedded, str) or not embedded:
-            raise UpstreamUnavailable(f"upstream gave no media type for {what}")
-        return embedded

@@ -1,22 +1,24 @@
 """The Docker token flow against an upstream: bearer tokens fetched from a realm and cached.
 
 A token is cached per (realm, service, scope, credentials): one group's token never serves
-another group's request.
+another group's request. Credentials go only to the token realms a `RealmPolicy` allows.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit
 
 from .challenge import Challenge
 from .errors import UpstreamAuthFailed, UpstreamUnavailable
-from .transport import Transport, rate_limited, read_capped
+from .transport import Transport, UpstreamInvalid, rate_limited, read_capped
 
 _MAX_TOKEN_RESPONSE_SIZE = 1024 * 1024
 _DEFAULT_TOKEN_LIFETIME = 60  # the token spec's default when expires_in is absent
@@ -37,13 +39,65 @@ class Credentials:
 
 TokenKey = tuple[str, str, str, Credentials | None]  # realm, service, scope, credentials
 
+# Token realms a registry's credentials may go to without being configured: Docker Hub's
+# registry hands its tokens out from auth.docker.io.
+DEFAULT_REALMS: dict[str, tuple[str, ...]] = {"registry-1.docker.io": ("auth.docker.io",)}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class RealmPolicy:
+    """Which token realms may receive a registry's credentials: the only place this is decided.
+
+    Allowed are the registry's own host name, the realm hosts an operator listed for it
+    (`depproxy.upstream.realms`) and, for Docker Hub, auth.docker.io. A host without a port
+    matches that host on any port; `host:port` matches only that port. `registry` is the name
+    the operator knows the registry by, for the error message.
+    """
+
+    def __init__(
+        self, registry_url: str, extra_hosts: Iterable[str] = (), registry: str | None = None
+    ) -> None:
+        parts = urlsplit(registry_url)
+        own = (parts.hostname or "").lower()
+        self.registry = registry or parts.netloc.lower()
+        self.hosts = frozenset(
+            {own, *DEFAULT_REALMS.get(own, ()), *(host.lower() for host in extra_hosts)}
+        )
+
+    def allows(self, realm: str) -> bool:
+        parts = urlsplit(realm)
+        if "@" in parts.netloc or "\\" in realm:
+            # Parsers disagree on where such a URL goes; ours is not the one sending it.
+            return False
+        host = (parts.hostname or "").lower()
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        except ValueError:
+            return False
+        return bool(host) and (host in self.hosts or f"{host}:{port}" in self.hosts)
+
+    def check(self, realm: str) -> None:
+        """Raise UpstreamAuthFailed when credentials must not go to `realm`."""
+        if self.allows(realm):
+            return
+        parts = urlsplit(realm)
+        host = (parts.hostname or "").lower()
+        with contextlib.suppress(ValueError):
+            host += f":{parts.port}" if parts.port else ""
+        raise UpstreamAuthFailed(
+            f"refusing to send the credentials for {self.registry} to the token realm "
+            f"{host!r} it named; if that host is the registry's own token service, allow it "
+            f"with depproxy.upstream.realms = {self.registry}={host}"
+        )
+
 
 class TokenCache:
     """Tokens of one upstream, safe to share between threads."""
 
-    def __init__(self, transport: Transport, host: str) -> None:
+    def __init__(self, transport: Transport, host: str, realms: RealmPolicy) -> None:
         self._transport = transport
         self.host = host
+        self.realms = realms
         self._lock = threading.Lock()
         self._tokens: dict[TokenKey, tuple[str, float]] = {}  # key -> (token, usable until)
         self._token_keys: dict[tuple[str, Credentials | None], TokenKey] = {}
@@ -73,6 +127,9 @@ class TokenCache:
             raise UpstreamUnavailable(
                 f"refusing to send credentials to plain-http token realm {realm!r}"
             )
+        if creds is not None:
+            # Fail closed: going anonymous instead would hide that the pull needs credentials.
+            self.realms.check(realm)
         scope = challenge.params.get("scope") or f"repository:{name}:pull"
         key: TokenKey = (realm, challenge.params.get("service", ""), scope, creds)
         now = time.monotonic()
@@ -105,7 +162,14 @@ class TokenCache:
         headers = {"Authorization": creds.basic_authorization()} if creds else {}
         url = f"{realm}{'&' if urlsplit(realm).query else '?'}{urlencode(params)}"
         # Not following redirects here keeps our Basic credentials on the realm's host.
-        resp = self._transport.send("GET", url, headers)
+        if self.realms.allows(realm):
+            resp = self._transport.send("GET", url, headers)
+        else:
+            # A realm the operator did not name is where upstream says: vetted like a redirect.
+            try:
+                resp = self._transport.send_vetted("GET", url, headers)
+            except UpstreamInvalid as error:
+                raise UpstreamInvalid("upstream token realm refused", detail=error.detail) from None
         status = resp.status_code
         if status in (401, 403):
             resp.close()

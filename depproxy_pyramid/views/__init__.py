@@ -1,15 +1,18 @@
 from pyramid.config import Configurator
 from pyramid.events import NewResponse
+from pyramid.tweens import INGRESS
 
 from ..errors import RegistryError
 from ..security import ADDON_PATHS, is_addon_path
-from .errors import add_error_views, registry_error_view
+from .errors import API_VERSION, RawPathPredicate, add_error_views, registry_error_view
 from .registry import log_refused_request
 
 
 def _api_version_header(event: NewResponse) -> None:
-    if is_addon_path(event.request) and not event.request.path_info.startswith("/-/"):
-        event.response.headers["Docker-Distribution-Api-Version"] = "registry/2.0"
+    # The raw path: this runs for malformed paths too, which would fail to decode.
+    path_info = event.request.environ.get("PATH_INFO", "")
+    if is_addon_path(event.request) and not path_info.startswith("/-/"):
+        event.response.headers[API_VERSION[0]] = API_VERSION[1]
 
 
 def includeme(config: Configurator) -> None:
@@ -25,6 +28,9 @@ def includeme(config: Configurator) -> None:
     config.add_route("depproxy.metrics", "/-/metrics", factory=root)
     config.add_subscriber(_api_version_header, NewResponse)
     config.add_subscriber(log_refused_request, NewResponse)
+    # Outermost: malformed paths are answered before any tween decodes them.
+    config.add_tween("depproxy_pyramid.views.errors.malformed_path_tween_factory", under=INGRESS)
+    config.add_view_predicate("depproxy_raw_path", RawPathPredicate)
     config.add_exception_view(registry_error_view, RegistryError)
     add_error_views(config, path_info=ADDON_PATHS)
     config.scan(".")

@@ -11,8 +11,8 @@ from ..errors import RegistryError
 from ..names import Repository, parse_repository
 from ..permissions import Permission
 from ..resources import RepositoryResource, Root
-from ..security import issue_jwt
-from .errors import SERVICE, unauthorized
+from ..security import issue_jwt, sign_in_refusal
+from .errors import SERVICE, too_many_requests, unauthorized
 
 MAX_SCOPES = 32
 
@@ -53,6 +53,9 @@ def _requested_scopes(request: Request) -> list[tuple[Repository, set[str]]]:
 )
 def jwt_auth(request: Request) -> dict:
     identity = request.identity
+    refusal = sign_in_refusal(request)
+    if refusal is not None:
+        raise too_many_requests(refusal)
     if identity is None:
         error = unauthorized(
             request,

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
+from urllib.parse import quote, unquote_to_bytes
 
 from pyramid.config import Configurator
+from pyramid.exceptions import URLDecodeError
 from pyramid.httpexceptions import HTTPException
+from pyramid.registry import Registry
 from pyramid.request import Request
 from pyramid.response import Response
 
 from ..errors import RegistryError
 from ..permissions import Permission
+from ..throttle import SignInRefused
 
 log = logging.getLogger(__name__)
 
 SERVICE = "dependency_proxy"
+API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
+# The add-on's reserved paths and whatever a client may have glued onto them.
+_RESERVED_PREFIX_RE = re.compile(r"^/(v2|jwt/auth|-/metrics)")
+_REGISTRY_PATH_RE = re.compile(r"^/v2(/|\Z)")
 
 
 def registry_response(request: Request, error: RegistryError) -> Response:
@@ -46,8 +56,100 @@ def unauthorized(request: Request, message: str, scope: str | None = None) -> Re
     )
 
 
+def too_many_requests(refusal: SignInRefused) -> RegistryError:
+    return RegistryError(
+        429,
+        "TOOMANYREQUESTS",
+        refusal.message,
+        {"retry_after": refusal.retry_after},
+        headers={"Retry-After": str(refusal.retry_after)},
+    )
+
+
 def registry_error_view(error: RegistryError, request: Request) -> Response:
     return registry_response(request, error)
+
+
+def malformed_request_error(environ: Mapping[str, object]) -> RegistryError | None:
+    """400 for a request to the add-on's reserved prefixes whose path or query is not UTF-8, or
+    whose path holds control characters outside `/v2` (whose own validation answers those);
+    else None."""
+    path_info = str(environ.get("PATH_INFO", ""))
+    if not _RESERVED_PREFIX_RE.match(path_info):
+        return None
+    try:
+        path = path_info.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        problem = "the path is not valid UTF-8"
+    else:
+        if not _decodes(str(environ.get("QUERY_STRING", ""))):
+            return RegistryError(400, "UNSUPPORTED", "the query string is not valid UTF-8")
+        if _REGISTRY_PATH_RE.match(path) or path.isprintable():
+            return None
+        problem = "the path contains control characters"
+    detail = {"path": quoted_path(path_info)}
+    segments = path_info.split("/")[2:] if _REGISTRY_PATH_RE.match(path_info) else []
+    # /v2/<name>/<manifests|blobs>/<reference>: the name is all but the last two segments.
+    if any(not _is_clean(segment) for segment in segments[:-2]):
+        return RegistryError(400, "NAME_INVALID", f"invalid repository name: {problem}", detail)
+    return RegistryError(400, "UNSUPPORTED", problem, detail)
+
+
+def quoted_path(path_info: str) -> str:
+    """The path as the client sent it, percent-encoded where it is not plain ASCII."""
+    return quote(path_info.encode("latin-1", "replace")[:300], safe="/:@!$&'()*+,;=")
+
+
+def _decodes(query: str) -> bool:
+    try:
+        unquote_to_bytes(query.encode("latin-1")).decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _is_clean(segment: str) -> bool:
+    try:
+        return segment.encode("latin-1").decode("utf-8").isprintable()
+    except UnicodeError:
+        return False
+
+
+def malformed_path_tween_factory(handler, registry: Registry):
+    """Answers malformed requests to the add-on's paths before anything decodes them: the
+    transaction tween, the security policy, routing and the views all would, and fail with a
+    bare 500 or an internal-error 500."""
+
+    def malformed_path_tween(request: Request) -> Response:
+        error = malformed_request_error(request.environ)
+        if error is None:
+            return handler(request)
+        response = registry_response(request, error)
+        if not request.environ.get("PATH_INFO", "").startswith("/-/"):
+            response.headers[API_VERSION[0]] = API_VERSION[1]
+        return response
+
+    return malformed_path_tween
+
+
+class RawPathPredicate:
+    """Pyramid's `path_info` predicate on the undecoded WSGI path.
+
+    Pyramid's own decodes the path, which fails (a bare 500) while an error for a path that is
+    not UTF-8 is being answered.
+    """
+
+    def __init__(self, value: str, config: Configurator) -> None:
+        self.value = value
+        self.regex = re.compile(value)
+
+    def text(self) -> str:
+        return f"depproxy_raw_path = {self.value}"
+
+    phash = text
+
+    def __call__(self, context: object, request: Request) -> bool:
+        return self.regex.match(request.environ.get("PATH_INFO", "")) is not None
 
 
 def forbidden_view(request: Request) -> Response:
@@ -95,6 +197,18 @@ def http_exception_view(exc: HTTPException, request: Request) -> Response:
     )
 
 
+def undecodable_path_view(exc: URLDecodeError, request: Request) -> Response:
+    return registry_response(
+        request,
+        RegistryError(
+            400,
+            "UNSUPPORTED",
+            "the path is not valid UTF-8",
+            {"path": quoted_path(request.environ.get("PATH_INFO", ""))},
+        ),
+    )
+
+
 def unexpected_error_view(exc: Exception, request: Request) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.path_qs[:500])
     return registry_response(
@@ -103,9 +217,13 @@ def unexpected_error_view(exc: Exception, request: Request) -> Response:
 
 
 def add_error_views(config: Configurator, path_info: str | None = None) -> None:
-    """Registry JSON for Pyramid's and unexpected errors under `path_info` (None: everywhere)."""
-    predicates = {"path_info": path_info} if path_info else {}
+    """Registry JSON for Pyramid's and unexpected errors under `path_info` (None: everywhere).
+
+    `path_info` is matched against the undecoded path (`views.includeme` adds the predicate).
+    """
+    predicates = {"depproxy_raw_path": path_info} if path_info else {}
     config.add_forbidden_view(forbidden_view, **predicates)
     config.add_notfound_view(notfound_view, **predicates)
     config.add_exception_view(http_exception_view, HTTPException, **predicates)
+    config.add_exception_view(undecodable_path_view, URLDecodeError, **predicates)
     config.add_exception_view(unexpected_error_view, Exception, **predicates)

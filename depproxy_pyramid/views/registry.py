@@ -15,9 +15,11 @@ from pyramid.security import NO_PERMISSION_REQUIRED
 from pyramid.view import view_config
 
 from ..errors import RegistryError, unsupported
+from ..logfields import log_line, raw_path
 from ..names import parse_repository, validate_digest, validate_reference
 from ..permissions import Permission
 from ..resources import RepositoryResource, Root
+from ..security import check_metrics_access
 from ..services.fills import CHUNK_SIZE, Fill, FillError
 from ..services.proxy import GroupUpstream, ProxyService
 from ..storage import BlobNotFound
@@ -80,23 +82,19 @@ class AccessLog:
             "upstream_status": upstream_status if upstream_status is not None else "-",
             "duration_ms": round((time.monotonic() - self.started) * 1000),
         }
-        log.info(" ".join(f"{key}={value}" for key, value in fields.items()))
+        log.info("%s", log_line(fields))
 
 
 def log_refused_request(event: NewResponse) -> None:
     """The access-log line of a registry request refused before the view ran."""
     request = event.request
-    if request.environ.get(ACCESS_LOGGED) or not request.path_info.startswith("/v2/"):
-        return
-    if request.path_info == "/v2/":
+    # The raw path: a malformed one is refused, and logged, without being decoded.
+    path = raw_path(request.environ)
+    if request.environ.get(ACCESS_LOGGED) or not path.startswith("/v2/") or path == "/v2/":
         return
     # No user field: this runs after the request's transaction, too late to look one up.
-    log.info(
-        "method=%s path=%s status=%d result=refused",
-        request.method,
-        request.path_info[:300].encode("unicode_escape").decode("ascii"),
-        event.response.status_int,
-    )
+    fields = {"method": request.method, "path": path, "status": event.response.status_int}
+    log.info("%s", log_line({**fields, "result": "refused"}))
 
 
 class CountedBody:
@@ -290,6 +288,13 @@ def _chunks(stream) -> Iterator[bytes]:
 
 
 def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog) -> Response:
+    if request.range is not None:
+        # A whole body holds back its last bytes until the digest checks out; a range has no
+        # such last byte, so it is cut only from a verified blob (and its size is known then).
+        try:
+            fill.wait_verified()
+        except FillError as error:
+            raise error.registry_error(fill.upstream_status) from error
     span = _byte_range(request, fill.size)
     response = Response(status=206 if span else 200)
     _blob_headers(response, fill.digest, fill.content_type)
@@ -305,12 +310,7 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
     try:
         first = next(chunks, None)
     except FillError as error:
-        raise RegistryError(
-            502,
-            "UNAVAILABLE",
-            f"fetching the blob from upstream failed: {error}",
-            {"upstream_status": fill.upstream_status},
-        ) from error
+        raise error.registry_error(fill.upstream_status) from error
     service.metrics.requests.labels("blob", "miss").inc()
 
     def finished(body: CountedBody) -> None:
@@ -329,6 +329,7 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
     route_name="depproxy.metrics", request_method="GET", permission=NO_PERMISSION_REQUIRED
 )
 def metrics_view(request: Request) -> Response:
+    check_metrics_access(request, request.registry["depproxy.settings"])
     metrics = _service(request).metrics
     response = Response(body=generate_latest(metrics.registry))
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
