@@ -29,13 +29,14 @@ from depproxy_pyramid.upstream import (
     UpstreamAuthFailed,
     UpstreamBadDigest,
     UpstreamClient,
+    UpstreamInvalid,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from depproxy_pyramid.upstream import transport as transport_module
 from depproxy_pyramid.upstream.client import manifest_media_type
-from depproxy_pyramid.upstream.transport import AddressGuard, UpstreamInvalid, is_public
+from depproxy_pyramid.upstream.transport import AddressGuard, is_public
 from tests.proxy import Proxy, running_proxy
 from tests.support.hostile import CORRUPT, GOOD, GOOD_DIGEST, TERABYTE, HostileRegistry
 

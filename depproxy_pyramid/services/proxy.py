@@ -35,6 +35,7 @@ from ..upstream import (
     UpstreamAuthFailed,
     UpstreamBadDigest,
     UpstreamError,
+    UpstreamInvalid,
     UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -43,7 +44,6 @@ from ..upstream import (
     UpstreamUnavailable,
 )
 from ..upstream.client import UpstreamClient
-from ..upstream.transport import UpstreamInvalid
 from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,16 @@ class UpstreamTimeout(UpstreamUnavailable):
     """Upstream accepted the connection but did not answer within the read timeout."""
 
 
+class UpstreamInvalid(UpstreamUnavailable):
+    """Upstream answered with something we will not use (a redirect to an internal address,
+    a non-manifest, ...). `message` names no host, port or URL, so a client may see it; the
+    particulars are in `detail`, for the server log only."""
+
+    def __init__(self, message: str, *, detail: str = "", status: int | None = None) -> None:
+        super().__init__(message, status=status)
+        self.detail = detail
+
+
 class UpstreamRateLimited(UpstreamError):
     """Upstream answered 429; ``retry_after`` is in seconds when the upstream said."""
 

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit
 
 from .challenge import Challenge
-from .errors import UpstreamAuthFailed, UpstreamUnavailable
-from .transport import Transport, UpstreamInvalid, rate_limited, read_capped
+from .errors import UpstreamAuthFailed, UpstreamInvalid, UpstreamUnavailable
+from .transport import Transport, rate_limited, read_capped
 
 _MAX_TOKEN_RESPONSE_SIZE = 1024 * 1024
 _DEFAULT_TOKEN_LIFETIME = 60  # the token spec's default when expires_in is absent

@@ -28,7 +28,13 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util.connection import create_connection
 
-from .errors import UpstreamNotFound, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
+from .errors import (
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +43,6 @@ _ATTEMPTS = 2
 _RETRY_BACKOFF = 0.25  # seconds, multiplied by the attempt number
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-
-
-class UpstreamInvalid(UpstreamUnavailable):
-    """Upstream answered with something we will not use (a redirect to an internal address,
-    a non-manifest, ...). `message` names no host, port or URL, so a client may see it; the
-    particulars are in `detail`, for the server log only."""
-
-    def __init__(self, message: str, *, detail: str = "", status: int | None = None) -> None:
-        super().__init__(message, status=status)
-        self.detail = detail
 
 
 REDIRECT_REFUSED = "upstream redirect refused"
