@@ -280,20 +280,10 @@ CONTROL = ["%0d%0a", "%1b[31m", "%00"]
 IMAGE = f"pub/{PROXY}/alpine"
 
 
-def _expected(place: str, bad: str, signed_in: bool) -> tuple[int, str]:
-    """The one answer each malformed path gets."""
-    if bad in UNDECODABLE:
-        return (400, "NAME_INVALID") if place in ("group", "image") else (400, "UNSUPPORTED")
-    if place in ("v2-suffix", "jwt-suffix"):
-        return 400, "UNSUPPORTED"
-    if place == "v2-segment" or (bad == "%0d%0a" and place != "tag"):
-        # A line feed inside the path matches no route (at the very end, a route's `$` would).
-        return 404, "NOT_FOUND"
-    if place in ("group", "image"):
-        return 400, "NAME_INVALID"
-    if not signed_in:
-        return 401, "UNAUTHORIZED"
-    return 400, "MANIFEST_INVALID" if place == "tag" else "DIGEST_INVALID"
+def _expected(place: str) -> tuple[int, str]:
+    """The one answer each malformed path gets, before any routing or sign-in: a control
+    character at the very end would otherwise slip past a route's `$` and serve the tag."""
+    return (400, "NAME_INVALID") if place in ("group", "image") else (400, "UNSUPPORTED")
 
 
 PLACES = {
@@ -322,7 +312,7 @@ def test_malformed_paths_get_a_registry_error(testapp, world, place, bad):
         else:
             headers = {"Authorization": f"Bearer {token}"} if signed_in else {}
         response = testapp.get(path, headers=headers, expect_errors=True)
-        status, code = _expected(place, bad, signed_in)
+        status, code = _expected(place)
         assert_registry_error(response, status, code)
 
 

@@ -344,10 +344,10 @@ def test_access_log_and_metrics(proxy, upstream, group, tmp_path):
     pull(proxy, group, "library/alpine:3.20", tmp_path / "first")
     pull(proxy, group, "library/alpine:3.20", tmp_path / "second")
     refused = f"/v2/{group}/dependency_proxy/containers/library/alpine/manifests/3.20"
-    assert requests.get(f"{proxy.url}{refused}\n", timeout=10).status_code == 401
+    assert requests.get(f"{proxy.url}{refused}\n", timeout=10).status_code == 400
     log = proxy.server.log()
     assert f"group={group} image=library/alpine kind=manifests reference=3.20" in log
-    assert f"method=GET path={refused}\\n status=401 result=refused" in log
+    assert f"method=GET path={refused}\\n status=400 result=refused" in log
     assert "result=miss" in log and "result=hit" in log
     metrics = requests.get(f"{proxy.url}/-/metrics", timeout=10).text
     for name in (
