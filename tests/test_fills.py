@@ -342,7 +342,9 @@ def test_wait_verified_waits_for_the_digest(fills, committed):
 
 @responses.activate
 def test_wait_verified_raises_for_wrong_bytes(fills, committed, tmp_path):
-    responses.get(blob_url(), body=BODY[:-1] + b"x", auto_calculate_content_length=True)
+    # The last byte flipped: a fixed replacement would equal the random original 1 time in 256.
+    wrong = BODY[:-1] + bytes([BODY[-1] ^ 0xFF])
+    responses.get(blob_url(), body=wrong, auto_calculate_content_length=True)
     fill = fills.join_or_start(1, DIGEST, lambda: False, opener())
     with pytest.raises(FillError, match="do not match"):
         fill.wait_verified()
