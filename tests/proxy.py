@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +143,7 @@ def start_proxy(
     database_url: str,
     upstream_url: str,
     app_use: str = "egg:depproxy-pyramid",
+    server_options: Mapping[str, str] | None = None,
     **extra: str,
 ) -> Proxy:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +163,8 @@ def start_proxy(
         },
     )
     port = free_port()
-    ini = write_ini(workdir / "proxy.ini", settings, port, app_use=app_use)
+    ini = write_ini(
+        workdir / "proxy.ini", settings, port, app_use=app_use, server_options=server_options
+    )
     server = ServerProcess(ini, port, workdir / "proxy.log").start()
     return Proxy(server, ini, db, workdir / "storage")

@@ -17,6 +17,14 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_for(condition, timeout: float = 10) -> None:
+    """Return once `condition()` is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -29,8 +37,12 @@ def write_ini(
     port: int,
     app_use: str = "egg:depproxy-pyramid",
     extra_sections: str = "",
+    server_options: Mapping[str, str] | None = None,
 ) -> Path:
+    """An ini file as an operator writes one: the server runs with the runner's defaults
+    unless `server_options` says otherwise."""
     app = "\n".join(f"{key} = {value}" for key, value in settings.items())
+    server = "\n".join(f"{key} = {value}" for key, value in (server_options or {}).items())
     path.write_text(
         f"""[app:main]
 use = {app_use}
@@ -39,8 +51,7 @@ use = {app_use}
 [server:main]
 use = egg:depproxy-pyramid#main
 listen = 127.0.0.1:{port}
-threads = 16
-channel_timeout = 600
+{server}
 
 [loggers]
 keys = root, depproxy_pyramid

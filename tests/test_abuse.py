@@ -514,6 +514,8 @@ def test_hostile_references_and_paths_stay_on_one_log_line(testapp, world, caplo
         assert line.isprintable() and line.isascii()
     # Control characters are refused before the view, so those are refused-request lines.
     with_reference, refused, served = (parse_log_line(line) for line in lines)
+    for fields in (with_reference, refused, served):
+        assert int(fields.pop("duration_ms")) >= 0
     assert served["reference"] == "latest user=root status=200"
     assert (served["user"], served["status"], served["result"]) == ("admin", "400", "error")
     assert with_reference == {

@@ -17,16 +17,19 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from webob.byterange import Range
 
 from ..credentials import Keyring
 from ..errors import RegistryError
 from ..metrics import Metrics
 from ..models import CachedBlob, CachedManifest, CachedTag, CacheStatus, Group, ProxySettings
 from ..models.accounts import UpstreamCredential
+from ..requestlog import Result
 from ..settings import Settings
 from ..storage import BlobNotFound, Storage
 from ..upstream import (
@@ -58,9 +61,60 @@ class ServedManifest:
     content: bytes
     media_type: str
     digest: str
-    # hit: from cache, fresh or confirmed upstream; miss: fetched now; stale: upstream failed
-    result: str
+    result: Result
     upstream_status: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A cached blob: `file` is open at the first byte to send (None for a HEAD), and `span`
+    is the half-open byte range asked for (None for the whole blob)."""
+
+    digest: str
+    content_type: str
+    size: int
+    span: tuple[int, int] | None
+    file: BinaryIO | None
+    result: Result = Result.HIT
+
+    @property
+    def length(self) -> int:
+        return self.size if self.span is None else self.span[1] - self.span[0]
+
+
+@dataclass(frozen=True)
+class RedirectedBlob:
+    """A cached blob that storage serves itself, at `url`."""
+
+    digest: str
+    url: str
+
+
+@dataclass(frozen=True)
+class FilledBlob:
+    """A blob streaming from upstream through `fill`; `span` as for `StoredBlob`."""
+
+    fill: Fill
+    span: tuple[int, int] | None
+
+
+BlobAnswer = StoredBlob | RedirectedBlob | FilledBlob
+
+
+def byte_span(byte_range: Range | None, size: int | None) -> tuple[int, int] | None:
+    """The satisfiable single range asked for, None for the whole blob; 416 otherwise."""
+    if byte_range is None or size is None:
+        return None
+    span = byte_range.range_for_length(size)
+    if span is None:
+        raise RegistryError(
+            416,
+            "RANGE_INVALID",
+            "requested range not satisfiable",
+            {"size": size},
+            {"Content-Range": f"bytes */{size}"},
+        )
+    return span
 
 
 @dataclass(frozen=True)
@@ -242,15 +296,15 @@ class ProxyService:
                 < timedelta(seconds=self.settings.freshness_seconds)
             )
             if fresh:
-                return ServedManifest(content, cached.content_type, cached.digest, "hit")
+                return ServedManifest(content, cached.content_type, cached.digest, Result.HIT)
             return self._revalidate(group, image, reference, cached, content)
         # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts.
         with self._manifest_fetch_lock((group.group_id, image, reference)):
             found = self._lookup_manifest(group.group_id, image, reference)
             if found is not None:
                 _, cached, content = found
-                return ServedManifest(content, cached.content_type, cached.digest, "hit")
-            return self._fetch_manifest(group, image, reference, result="miss")
+                return ServedManifest(content, cached.content_type, cached.digest, Result.HIT)
+            return self._fetch_manifest(group, image, reference, result=Result.MISS)
 
     @contextmanager
     def _manifest_fetch_lock(self, key: tuple[int, str, str]) -> Iterator[None]:
@@ -341,7 +395,7 @@ class ProxyService:
                 error.message,
             )
             return ServedManifest(
-                content, cached.content_type, cached.digest, "stale", error.status
+                content, cached.content_type, cached.digest, Result.STALE, error.status
             )
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
@@ -357,8 +411,8 @@ class ProxyService:
                     )
                     .values(revalidated_at=datetime.now(UTC))
                 )
-            return ServedManifest(content, cached.content_type, cached.digest, "hit", 200)
-        return self._fetch_manifest(group, image, tag, result="miss", stale=(cached, content))
+            return ServedManifest(content, cached.content_type, cached.digest, Result.HIT, 200)
+        return self._fetch_manifest(group, image, tag, result=Result.MISS, stale=(cached, content))
 
     def _resolve(
         self, group: GroupUpstream, image: str
@@ -376,7 +430,7 @@ class ProxyService:
         image: str,
         reference: str,
         *,
-        result: str,
+        result: Result,
         stale: tuple[CachedManifest, bytes] | None = None,
     ) -> ServedManifest:
         client, name, credentials = self._resolve(group, image)
@@ -395,7 +449,7 @@ class ProxyService:
                     error.message,
                     f" ({error.detail})" if isinstance(error, UpstreamInvalid) else "",
                 )
-                return ServedManifest(content, cached.content_type, cached.digest, "stale")
+                return ServedManifest(content, cached.content_type, cached.digest, Result.STALE)
             raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{reference}") from error
         self._store_manifest(group.group_id, image, reference, manifest)
         return ServedManifest(manifest.content, manifest.media_type, manifest.digest, result, 200)
@@ -443,6 +497,62 @@ class ProxyService:
                     raise
 
     # Blobs
+
+    def blob(
+        self, group: GroupUpstream, image: str, digest: str, *, head: bool, byte_range: Range | None
+    ) -> BlobAnswer:
+        """The blob from the cache, or from upstream (through a fill) when it is not cached or
+        storage lost it. A HEAD of an uncached blob asks upstream without fetching it."""
+        row = self.cached_blob(group.group_id, digest)
+        if row is not None:
+            answer = self._stored_blob(row, head, byte_range)
+            if answer is not None:
+                return answer
+            self.forget_blob(row)
+        if head:
+            ref = self.head_blob_upstream(group, image, digest)
+            content_type = ref.media_type or "application/octet-stream"
+            return StoredBlob(digest, content_type, ref.size, None, None, Result.MISS)
+        fill = self.blob_fill(group, image, digest)
+        if fill is None:
+            # Another request's fill committed it between our lookup and our join.
+            row = self.cached_blob(group.group_id, digest)
+            answer = row and self._stored_blob(row, head, byte_range)
+            if answer is None:
+                raise RegistryError(503, "UNAVAILABLE", "the blob was cached and removed; retry")
+            return answer
+        if byte_range is not None:
+            # A whole body holds back its last bytes until the digest checks out; a range has
+            # no such last byte, so it is cut only from a verified blob (its size known then).
+            try:
+                fill.wait_verified()
+            except FillError as error:
+                raise error.registry_error(fill.upstream_status) from error
+        return FilledBlob(fill, byte_span(byte_range, fill.size))
+
+    def _stored_blob(
+        self, row: CachedBlob, head: bool, byte_range: Range | None
+    ) -> StoredBlob | RedirectedBlob | None:
+        """The cached blob's answer, or None when storage lost it."""
+        if head:
+            if self.storage.size(row.storage_key) is None:
+                return None
+            return StoredBlob(row.digest, row.content_type, row.size, None, None)
+        span = byte_span(byte_range, row.size)
+        url = self.storage.url_for(row.storage_key)
+        if url is not None:
+            return RedirectedBlob(row.digest, url)
+        try:
+            file = self.storage.open(row.storage_key)
+            if span is not None:
+                if getattr(file, "seekable", lambda: False)():
+                    file.seek(span[0])
+                else:
+                    file.close()
+                    file = self.storage.open_range(row.storage_key, span[0], span[1] - 1)
+        except BlobNotFound:
+            return None
+        return StoredBlob(row.digest, row.content_type, row.size, span, file)
 
     def cached_blob(self, group_id: int, digest: str) -> CachedBlob | None:
         with self._transaction() as session:

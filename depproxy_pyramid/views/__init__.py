@@ -3,9 +3,9 @@ from pyramid.events import NewResponse
 from pyramid.tweens import INGRESS
 
 from ..errors import RegistryError
+from ..requestlog import record_when_body_done
 from ..security import ADDON_PATHS, is_addon_path
 from .errors import API_VERSION, RawPathPredicate, add_error_views, registry_error_view
-from .registry import log_refused_request
 
 
 def _api_version_header(event: NewResponse) -> None:
@@ -27,7 +27,7 @@ def includeme(config: Configurator) -> None:
     config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
     config.add_route("depproxy.metrics", "/-/metrics", factory=root)
     config.add_subscriber(_api_version_header, NewResponse)
-    config.add_subscriber(log_refused_request, NewResponse)
+    config.add_subscriber(record_when_body_done, NewResponse)
     # Outermost: malformed paths are answered before any tween decodes them.
     config.add_tween("depproxy_pyramid.views.errors.malformed_path_tween_factory", under=INGRESS)
     config.add_view_predicate("depproxy_raw_path", RawPathPredicate)
