@@ -111,6 +111,10 @@ class PlainHTTPChannel(HTTPChannel):
 
 def serve(app, global_conf: dict, **settings: str) -> None:
     """The `[server:main]` runner: `use = egg:depproxy-pyramid#main` takes waitress's options."""
+    # The app decides itself whose X-Forwarded-For to believe (`depproxy.trusted_proxies`);
+    # waitress would otherwise delete the header first, and behind nginx every client would
+    # share nginx's address, and its sign-in limit.
+    settings.setdefault("clear_untrusted_proxy_headers", "false")
     server = create_server(app, **settings)
     servers = server.map.values() if isinstance(server, MultiSocketServer) else [server]
     for each in servers:
