@@ -23,6 +23,7 @@ from ..security import check_metrics_access
 from ..services.fills import CHUNK_SIZE, Fill, FillError
 from ..services.proxy import GroupUpstream, ProxyService
 from ..storage import BlobNotFound
+from ..storage.filesystem import accel_redirect_uri
 
 log = logging.getLogger("depproxy_pyramid.access")
 
@@ -254,6 +255,9 @@ def _cached_blob_response(request, service: ProxyService, row, access: AccessLog
         response.headers["Docker-Content-Digest"] = row.digest
         access.write(307, "hit", 0, None)
         return response
+    accel_prefix = service.settings.storage_accel_redirect
+    if accel_prefix is not None and not head:
+        return _accel_redirect_response(service, row, span, accel_prefix, access)
     try:
         if head:
             body: Iterable[bytes] = []
@@ -278,6 +282,27 @@ def _cached_blob_response(request, service: ProxyService, row, access: AccessLog
     sent = 0 if head else length
     service.metrics.bytes_served.labels("cache").inc(sent)
     access.write(response.status_int, "hit", sent, None)
+    return response
+
+
+def _accel_redirect_response(
+    service: ProxyService, row, span: tuple[int, int] | None, prefix: str, access: AccessLog
+) -> Response | None:
+    """The blob handed to nginx, which sends the file (and cuts the range) itself; None when
+    storage lost it. nginx keeps the Content-Type and copies the registry headers over."""
+    if service.storage.size(row.storage_key) is None:
+        return None
+    response = Response(status=200)
+    response.content_type = row.content_type
+    response.headers["Docker-Content-Digest"] = row.digest
+    response.headers["ETag"] = f'"{row.digest}"'
+    # No Accept-Ranges: nginx passes the app's on and adds its own, which would make two.
+    response.headers["X-Accel-Redirect"] = accel_redirect_uri(prefix, row.storage_key)
+    length = row.size if span is None else span[1] - span[0]
+    service.metrics.bytes_served.labels("cache").inc(length)
+    # What nginx is about to send; its own access log has what the client actually took.
+    access.fields["offload"] = "nginx"
+    access.write(200 if span is None else 206, "hit", length, None)
     return response
 
 
