@@ -50,6 +50,7 @@ class RequestRecord:
         self.status: int | None = None
         self.upstream_status: int | None = None
         self.body_attached = False
+        self._offloaded: tuple[int, int] | None = None
         self._finished = threading.Event()
 
     @classmethod
@@ -68,6 +69,11 @@ class RequestRecord:
         record.result = Result.REFUSED
         request.environ[RECORD] = record
         return record
+
+    def offloaded(self, status: int, length: int) -> None:
+        """The front-end server answers `status` and sends `length` bytes from storage itself."""
+        self.fields["offload"] = "nginx"
+        self._offloaded = (status, length)
 
     def failed(self, status: int, upstream_status: int | None) -> None:
         self.result = Result.ERROR
@@ -95,6 +101,8 @@ class RequestRecord:
         if self._finished.is_set():
             return
         self._finished.set()
+        if self._offloaded is not None:
+            self.status, sent = self._offloaded
         if failed or self.result is None:
             self.result = Result.ERROR
         if self.metrics is not None and self.kind is not None:

@@ -63,6 +63,10 @@ DEFAULTS = {
     "cleanup_interval": "2",
     # select() cannot watch descriptors numbered past 1024.
     "asyncore_use_poll": "true",
+    # The app decides itself whose X-Forwarded-For to believe (`depproxy.trusted_proxies`);
+    # waitress would otherwise delete the header first, and behind nginx every client would
+    # share nginx's address, and its sign-in limit.
+    "clear_untrusted_proxy_headers": "false",
 }
 
 

@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 _HOST_RE = re.compile(r"^(localhost|[a-z0-9-]+(\.[a-z0-9-]+)+)(:[0-9]{1,5})?$")
+# Plain path segments only: nginx takes the header's value as a URI, so `?`, `%` or `..` would
+# change which location, or which file, it lands on.
+_ACCEL_PREFIX_RE = re.compile(r"^/([A-Za-z0-9_~-][A-Za-z0-9._~-]*/)+$")
 
 
 class ConfigurationError(ValueError):
@@ -24,6 +27,9 @@ class ConfigurationError(ValueError):
 class Settings:
     sqlalchemy_url: str
     storage: str
+    # The URI prefix of nginx's internal location for the storage root: cached filesystem
+    # blobs are then answered with X-Accel-Redirect and sent by nginx.
+    storage_accel_redirect: str | None
     upstream_url: str
     upstream_username: str | None
     upstream_password: str | None
@@ -132,6 +138,23 @@ def _addresses(settings: Mapping[str, str], key: str) -> tuple[str, ...]:
     return networks
 
 
+def _accel_redirect(settings: Mapping[str, str], key: str, storage: str) -> str | None:
+    prefix = (settings.get(key) or "").strip() or None
+    if prefix is None:
+        return None
+    if not _ACCEL_PREFIX_RE.match(prefix):
+        raise ConfigurationError(
+            key, f"expected an nginx location's URI, such as /_depproxy/storage/, got {prefix!r}"
+        )
+    if storage != "filesystem":
+        raise ConfigurationError(
+            key,
+            f"needs depproxy.storage = filesystem (nginx sends the files of the storage "
+            f"directory), not {storage!r}; S3 storage has depproxy.storage.s3.redirect",
+        )
+    return prefix
+
+
 def parse_settings(settings: Mapping[str, str]) -> Settings:
     """Validate the `depproxy.*` keys; raise ConfigurationError naming the first bad key."""
     development = _bool(settings, "depproxy.development", False)
@@ -166,6 +189,9 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
     return Settings(
         sqlalchemy_url=url,
         storage=storage,
+        storage_accel_redirect=_accel_redirect(
+            settings, "depproxy.storage.accel_redirect", storage
+        ),
         upstream_url=_http_url(settings, "depproxy.upstream.url", DOCKER_HUB_URL) or "",
         upstream_username=username,
         upstream_password=password,

@@ -125,14 +125,20 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"pserve exited early:\n{self.log()}")
-            try:
-                requests.get(f"{self.url}/v2/", timeout=1)
+                raise RuntimeError(f"{self.command[0]} exited early:\n{self.log()}")
+            if self.answers():
                 return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
+            time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"pserve did not answer within {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"{self.command[0]} did not answer within {timeout}s:\n{self.log()}")
+
+    def answers(self) -> bool:
+        """Whether the server answers HTTP yet (any status will do)."""
+        try:
+            requests.get(f"{self.url}/v2/", timeout=1)
+        except requests.ConnectionError:
+            return False
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

@@ -35,6 +35,10 @@ def test_defaults():
         ({"depproxy.development": "maybe"}, "depproxy.development"),
         ({"depproxy.upstream.registries": "not a host"}, "depproxy.upstream.registries"),
         ({"depproxy.upstream.registries": "ghcr.io=gopher://x"}, "depproxy.upstream.registries"),
+        *(
+            ({"depproxy.storage.accel_redirect": prefix}, "depproxy.storage.accel_redirect")
+            for prefix in ("/no-trailing-slash", "relative/", "/a/../b/", "/a?b=1/", "/a%2e/", "/")
+        ),
     ],
 )
 def test_bad_settings_name_their_key(overrides, key):
@@ -62,3 +66,16 @@ def test_extra_registries():
         "ghcr.io": "https://ghcr.io",
         "quay.io": "https://mirror.example/quay",
     }
+
+
+def test_accel_redirect_is_off_by_default_and_takes_a_location():
+    assert parse_settings(BASE).storage_accel_redirect is None
+    settings = parse_settings({**BASE, "depproxy.storage.accel_redirect": "/_depproxy/storage/"})
+    assert settings.storage_accel_redirect == "/_depproxy/storage/"
+
+
+def test_accel_redirect_needs_filesystem_storage_at_startup():
+    s3 = {**BASE, "depproxy.storage": "s3", "depproxy.storage.accel_redirect": "/_store/"}
+    with pytest.raises(ConfigurationError, match="needs depproxy.storage = filesystem") as info:
+        main({}, **s3)
+    assert info.value.key == "depproxy.storage.accel_redirect"

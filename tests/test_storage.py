@@ -25,7 +25,7 @@ from depproxy_pyramid.storage import (
     Storage,
     storage_from_settings,
 )
-from depproxy_pyramid.storage.filesystem import FilesystemStorage
+from depproxy_pyramid.storage.filesystem import FilesystemStorage, accel_redirect_uri
 from depproxy_pyramid.storage.s3 import S3Storage
 
 if TYPE_CHECKING:
@@ -218,6 +218,16 @@ INVALID_KEYS = [
     "12/blobs/sha256/caf\u00e9",
     "\uff11\uff12/blobs",  # fullwidth digits, which \d would accept
 ]
+
+
+def test_accel_redirect_uri_is_the_key_under_the_location() -> None:
+    assert accel_redirect_uri("/_store/", "12/blobs/sha256/ab") == "/_store/12/blobs/sha256/ab"
+
+
+@pytest.mark.parametrize("key", INVALID_KEYS)
+def test_accel_redirect_uri_refuses_invalid_keys(key: str) -> None:
+    with pytest.raises(ValueError, match="invalid storage key"):
+        accel_redirect_uri("/_store/", key)
 
 
 @pytest.mark.parametrize("key", INVALID_KEYS)

@@ -32,6 +32,7 @@ from ..models.accounts import UpstreamCredential
 from ..requestlog import Result
 from ..settings import Settings
 from ..storage import BlobNotFound, Storage
+from ..storage.filesystem import accel_redirect_uri
 from ..upstream import (
     BlobRef,
     Credentials,
@@ -91,6 +92,18 @@ class RedirectedBlob:
 
 
 @dataclass(frozen=True)
+class OffloadedBlob:
+    """A cached blob that the front-end server sends from storage itself, found at `uri`
+    (nginx's `X-Accel-Redirect`); it cuts the range too."""
+
+    digest: str
+    content_type: str
+    length: int
+    partial: bool
+    uri: str
+
+
+@dataclass(frozen=True)
 class FilledBlob:
     """A blob streaming from upstream through `fill`; `span` as for `StoredBlob`."""
 
@@ -98,7 +111,7 @@ class FilledBlob:
     span: tuple[int, int] | None
 
 
-BlobAnswer = StoredBlob | RedirectedBlob | FilledBlob
+BlobAnswer = StoredBlob | RedirectedBlob | OffloadedBlob | FilledBlob
 
 
 def byte_span(byte_range: Range | None, size: int | None) -> tuple[int, int] | None:
@@ -532,7 +545,7 @@ class ProxyService:
 
     def _stored_blob(
         self, row: CachedBlob, head: bool, byte_range: Range | None
-    ) -> StoredBlob | RedirectedBlob | None:
+    ) -> StoredBlob | RedirectedBlob | OffloadedBlob | None:
         """The cached blob's answer, or None when storage lost it."""
         if head:
             if self.storage.size(row.storage_key) is None:
@@ -542,6 +555,13 @@ class ProxyService:
         url = self.storage.url_for(row.storage_key)
         if url is not None:
             return RedirectedBlob(row.digest, url)
+        accel_prefix = self.settings.storage_accel_redirect
+        if accel_prefix is not None:
+            if self.storage.size(row.storage_key) is None:
+                return None
+            length = row.size if span is None else span[1] - span[0]
+            uri = accel_redirect_uri(accel_prefix, row.storage_key)
+            return OffloadedBlob(row.digest, row.content_type, length, span is not None, uri)
         try:
             file = self.storage.open(row.storage_key)
             if span is not None:

@@ -111,6 +111,16 @@ class FilesystemStorage:
         return os.path.join(self.root, validate_key(key))
 
 
+def accel_redirect_uri(prefix: str, key: str) -> str:
+    """Where the blob under `key` is, for a front-end server whose location `prefix` maps to
+    the storage root (nginx's `X-Accel-Redirect`).
+
+    Keys are plain path segments of unreserved characters, so the URI needs no escaping and
+    cannot climb out of the location.
+    """
+    return prefix + validate_key(key)
+
+
 class _RangeReader(io.RawIOBase):
     """Reads at most `length` bytes from a file already positioned at the range's start."""
 

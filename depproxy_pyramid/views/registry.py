@@ -20,6 +20,7 @@ from ..services.fills import CHUNK_SIZE, FillError
 from ..services.proxy import (
     BlobAnswer,
     FilledBlob,
+    OffloadedBlob,
     ProxyService,
     RedirectedBlob,
     ServedManifest,
@@ -127,6 +128,17 @@ def blob_response(request: Request, answer: BlobAnswer, record: RequestRecord) -
         record.result = Result.HIT
         response = Response(status=307, location=answer.url)
         response.headers["Docker-Content-Digest"] = answer.digest
+        return response
+    if isinstance(answer, OffloadedBlob):
+        record.result = Result.HIT
+        # What the front-end server is about to send; its own log has what the client took.
+        record.offloaded(206 if answer.partial else 200, answer.length)
+        response = Response(status=200)
+        response.content_type = answer.content_type
+        response.headers["Docker-Content-Digest"] = answer.digest
+        response.headers["ETag"] = f'"{answer.digest}"'
+        # No Accept-Ranges: nginx passes the app's on and adds its own, which would make two.
+        response.headers["X-Accel-Redirect"] = answer.uri
         return response
     if isinstance(answer, FilledBlob):
         return _fill_response(answer, record)
