@@ -6,7 +6,7 @@ holds a socket and a buffer, never a thread, once its response has been handed o
 blob is handed over whole, as `wsgi.file_wrapper`). The defaults below bound what such clients
 can hold; an `.ini`'s `[server:main]` overrides any of them.
 
-What the channel fixes, each a request that waitress would otherwise leave hanging:
+What the channel adds, each for a request that waitress would otherwise leave hanging:
 - TLS probes on a plain-HTTP port. Docker, containerd and skopeo try HTTPS first when a registry
   is marked insecure and fall back to HTTP only after their 10-second TLS handshake timeout,
   because waitress waits for a request line that a ClientHello never completes. Like Go's
@@ -15,12 +15,16 @@ What the channel fixes, each a request that waitress would otherwise leave hangi
   complete; it gets a 400 at once.
 - `Expect: 100-continue` on a request without a body. Waitress sends `100 Continue` and then
   waits for a body that never comes; such a request is served at once, with no interim answer.
+- A request head trickling in. Waitress waits as long as bytes keep coming; a head that takes
+  longer than `REQUEST_HEAD_TIMEOUT` gets a 408 when its next bytes arrive (a client that sends
+  nothing more is idle, and closed as such).
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 from contextlib import suppress
 
 from waitress.channel import HTTPChannel
@@ -31,20 +35,27 @@ TLS_PROBE_ANSWER = (
     b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
     b"Client sent an HTTPS request to an HTTP server.\n"
 )
-BARE_LF_BODY = json.dumps(
-    {
-        "errors": [
-            {
-                "code": "UNSUPPORTED",
-                "message": "malformed request: header lines must end with CRLF",
-                "detail": None,
-            }
-        ]
-    }
-).encode()
-BARE_LF_ANSWER = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(BARE_LF_BODY), BARE_LF_BODY)
+
+
+def _error_answer(status: bytes, code: str, message: str) -> bytes:
+    """A complete HTTP answer carrying a registry error, for a connection about to close."""
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+    return (
+        b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+BARE_LF_ANSWER = _error_answer(
+    b"400 Bad Request", "UNSUPPORTED", "malformed request: header lines must end with CRLF"
+)
+# Seconds a client may take to send a request's head, as nginx's client_header_timeout: a client
+# trickling bytes would otherwise keep its connection for as long as it likes.
+REQUEST_HEAD_TIMEOUT = 10
+HEAD_TIMEOUT_ANSWER = _error_answer(
+    b"408 Request Timeout",
+    "UNSUPPORTED",
+    f"the request head took longer than {REQUEST_HEAD_TIMEOUT} seconds to arrive",
 )
 
 # How long Linux keeps a connection whose peer acknowledges nothing, a client that stopped
@@ -71,24 +82,28 @@ DEFAULTS = {
 
 
 class RegistryChannel(HTTPChannel):
-    header_bytes_seen = 0
+    # When the first byte of the request head being read arrived; None between requests.
+    head_started: float | None = None
     # The end of the previous read, so that a line ending split between reads is seen whole.
     head_tail = b""
 
     def received(self, data: bytes) -> bool:
         if not data:
             return False
-        # No HTTP method starts with this byte; every TLS connection does.
-        if self.request is None and self.header_bytes_seen == 0 and data[0] == TLS_HANDSHAKE_RECORD:
-            return self._refuse(TLS_PROBE_ANSWER)
         if self.request is None or not self.request.headers_finished:
+            if self.head_started is None:
+                # No HTTP method starts with this byte; every TLS connection does.
+                if data[0] == TLS_HANDSHAKE_RECORD:
+                    return self._refuse(TLS_PROBE_ANSWER)
+                self.head_started = time.monotonic()
+            elif time.monotonic() - self.head_started > REQUEST_HEAD_TIMEOUT:
+                return self._refuse(HEAD_TIMEOUT_ANSWER)
             if _has_bare_lf(self.head_tail + data):
                 return self._refuse(BARE_LF_ANSWER)
-            self.header_bytes_seen += len(data)
             self.head_tail = (self.head_tail + data)[-3:]
         handled = super().received(data)
         if self.request is None:
-            self.header_bytes_seen, self.head_tail = 0, b""
+            self.head_started, self.head_tail = None, b""
         return handled
 
     def send_continue(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from depproxy_pyramid.server import UNACKNOWLEDGED_TIMEOUT_MS
+from depproxy_pyramid.server import REQUEST_HEAD_TIMEOUT, UNACKNOWLEDGED_TIMEOUT_MS
 from tests.proxy import PROXY_MARKER, Proxy, start_proxy
 from tests.server import wait_for
 
@@ -348,3 +348,26 @@ def test_a_tls_client_hello_on_the_plain_port_is_refused_at_once(cached: Cached)
     assert time.monotonic() - started < 1
     # And the server goes on serving plain HTTP.
     assert requests.get(f"{cached.proxy.url}/v2/", timeout=5).status_code == 401
+
+
+def test_a_request_head_trickling_in_is_cut_off(cached: Cached):
+    """A client that sends its head a byte at a time cannot keep the connection forever."""
+    with closing(raw_request(cached, b"GET /v2/ HTTP/1.1\r\nHost: proxy\r\nX-Slow: ")) as sock:
+        started = time.monotonic()
+        answer = b""
+        sock.settimeout(0.5)
+        while time.monotonic() - started < REQUEST_HEAD_TIMEOUT + 5 and not answer:
+            try:
+                sock.sendall(b"a")
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        elapsed = time.monotonic() - started
+    assert REQUEST_HEAD_TIMEOUT <= elapsed < REQUEST_HEAD_TIMEOUT + 2
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["errors"][0]["message"] == (
+        f"the request head took longer than {REQUEST_HEAD_TIMEOUT} seconds to arrive"
+    )
