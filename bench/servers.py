@@ -128,6 +128,11 @@ def holding(url: str, headers: dict[str, str], clients: int) -> Iterator[None]:
             sock.sendall(request)
         # Let the server start answering until the sockets' buffers are full.
         time.sleep(1.0)
+        for sock in sockets:
+            # Peeking leaves the answer unread; a holder that got an error holds nothing.
+            status = sock.recv(12, socket.MSG_PEEK)
+            if status not in (b"HTTP/1.1 206", b"HTTP/1.1 200"):
+                raise RuntimeError(f"a holder's GET {url} was answered {status!r}")
         yield
     finally:
         for sock in sockets:
@@ -151,9 +156,9 @@ def measure(
 ) -> Outcome:
     """Start one candidate, run wrk and the holders test on it, stop it."""
     server = candidate.server(ini, workdir)
-    with step(f"starting {candidate.label}"):
-        server.start()
     try:
+        with step(f"starting {candidate.label}"):
+            server.start()
         results: dict[str, harness.WrkResult] = {}
         for what in ("manifest", "blob"):
             target = targets[what]

@@ -118,7 +118,9 @@ class ServerProcess:
             try:
                 requests.get(f"{self.url}/v2/", timeout=1)
                 return self
-            except requests.ConnectionError:
+            # A server may accept connections before it can answer (gunicorn's workers boot
+            # after the master listens).
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"pserve did not answer within {timeout}s:\n{self.log()}")
