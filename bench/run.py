@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's virtualenv)::
 
     .venv/bin/python -m bench.run                 # --big-mb 200 --huge-mb 1024 --repeat 3
-    .venv/bin/python bench/run.py --big-mb 50 --huge-mb 256 --repeat 1 --no-docs   # smoke run
+    .venv/bin/python bench/run.py --big-mb 20 --huge-mb 64 --repeat 1 --wrk-seconds 2 --no-docs
 
 Three servers answer the same token-auth upstream ``docker-registry`` on 127.0.0.1 (see
 docs/benchmarks.md): depproxy under its own ``pserve`` runner (the embedded default), depproxy
@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--small-mb", type=int, default=4, help="image that warms the RSS benchmark's process"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of pulls (and of -clients)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of pulls (and of --clients)")
     parser.add_argument("--clients", type=int, default=16, help="simultaneous warm pulls")
     parser.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--wrk-threads", type=int, default=2)
