@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,48 +163,96 @@ class DistributionProxy:
 
 # nginx ------------------------------------------------------------------------------------------
 
-NGINX_CONF = """\
-{user}worker_processes {workers};
+# Directives every nginx here shares. The temporary paths keep nginx out of /var/lib/nginx.
+NGINX_MAIN = """\
+{user}worker_processes auto;
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 768; }}
 http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
     sendfile on;
     tcp_nopush on;
-    keepalive_requests 1000000;
+    types_hash_max_size 2048;
     default_type application/octet-stream;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    access_log {prefix}/access.log;
+{temp_paths}
+{http}
+}}
+"""
+TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+STATIC_SERVER = """\
+    keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
         root {prefix}/html;
     }}
-}}
 """
 
 
-class Nginx:
-    """``nginx -p PREFIX`` in the foreground, serving files from ``PREFIX/html``."""
+class _NginxProcess:
+    """``nginx -p PREFIX -c PREFIX/nginx.conf`` in the foreground, as its own process group."""
 
-    def __init__(self, prefix: Path, workers: str = "auto") -> None:
+    def __init__(self, prefix: Path) -> None:
         self.binary = require_binary("nginx")
         self.prefix = prefix
-        self.port = free_port()
-        self.html = prefix / "html"
-        self.html.mkdir(parents=True, exist_ok=True)
-        (prefix / "tmp").mkdir(exist_ok=True)
+        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        self.conf = prefix / "nginx.conf"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def write_conf(self, http: str) -> None:
+        """The main file around ``http``, the content of the ``http`` block."""
         # As root the workers would switch to "nobody", who cannot enter our 0700 temp dir.
         user = "user root;\n" if os.geteuid() == 0 else ""
-        self.conf = prefix / "nginx.conf"
-        self.conf.write_text(
-            NGINX_CONF.format(user=user, workers=workers, prefix=prefix, port=self.port)
+        temp_paths = "\n".join(
+            f"    {name}_temp_path {self.prefix / 'tmp' / name};"
+            for name in TEMP_PATHS
+            if f"{name}_temp_path" not in http
         )
-        self.process: subprocess.Popen[bytes] | None = None
+        self.conf.write_text(
+            NGINX_MAIN.format(user=user, prefix=self.prefix, temp_paths=temp_paths, http=http)
+        )
+
+    @property
+    def pid(self) -> int:
+        """The master's process id (it must be running)."""
+        assert self.process is not None
+        return self.process.pid
+
+    def _launch(self, url: str, timeout: float) -> None:
+        """Check the configuration, start, and wait until ``url`` answers."""
+        args = [self.binary, "-p", str(self.prefix), "-c", str(self.conf)]
+        check = subprocess.run([*args, "-t"], capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx rejects {self.conf}:\n{check.stderr}")
+        log_path = self.prefix / "stderr.log"
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        wait_http(self.process, url, timeout, log_path)
+
+    def stop(self) -> None:
+        """Stop master and workers (idempotent)."""
+        stop_process(self.process)
+        self.process = None
+
+
+class Nginx(_NginxProcess):
+    """nginx serving files from ``PREFIX/html``: what a static file costs to send."""
+
+    def __init__(self, prefix: Path) -> None:
+        super().__init__(prefix)
+        self.port = free_port()
+        self.html = prefix / "html"
+        self.html.mkdir(exist_ok=True)
+        self.write_conf(STATIC_SERVER.format(prefix=prefix, port=self.port))
 
     @property
     def url(self) -> str:
@@ -212,22 +261,147 @@ class Nginx:
 
     def start(self, timeout: float = 10) -> Nginx:
         """Start and wait until it answers."""
-        log_path = self.prefix / "stderr.log"
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "-p", str(self.prefix), "-c", str(self.conf)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        wait_http(self.process, f"{self.url}/", timeout, log_path)
+        self._launch(f"{self.url}/", timeout)
         return self
 
-    def stop(self) -> None:
-        """Stop master and workers (idempotent)."""
-        stop_process(self.process)
-        self.process = None
+
+SHIPPED_FRONT = "deploy/nginx/depproxy.conf"
+# The production front's stand-in until the repository ships its own: plain HTTP, every request
+# proxied to the app, cached filesystem blobs sent by nginx when the app answers X-Accel-Redirect.
+FALLBACK_FRONT = """\
+upstream depproxy_app {
+    server 127.0.0.1:6543;
+    keepalive 32;
+}
+server {
+    listen 443 ssl;
+    server_name registry.example.com;
+    ssl_certificate /etc/ssl/certs/depproxy.pem;
+    ssl_certificate_key /etc/ssl/private/depproxy.key;
+    client_max_body_size 0;
+    location / {
+        proxy_pass http://depproxy_app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+    }
+    location /_depproxy_storage/ {
+        internal;
+        alias /var/lib/depproxy/storage/;
+    }
+}
+server {
+    listen 80;
+    server_name registry.example.com;
+    return 301 https://$host$request_uri;
+}
+"""
+# The internal location that serves the storage directory: its prefix is what X-Accel-Redirect
+# names, hence the app's `depproxy.storage.accel_redirect`.
+_ACCEL_LOCATION = re.compile(
+    r"location\s+(?:\^~\s+)?(/\S*)\s*\{[^}]*?\binternal\s*;[^}]*?/var/lib/depproxy/storage/"
+)
+
+
+class NginxFront(_NginxProcess):
+    """The production front: the shipped ``deploy/nginx/depproxy.conf`` rendered for this machine.
+
+    The shipped file is the content of nginx's ``http`` block, written for
+    ``registry.example.com`` on ports 443 (TLS) and 80 (a redirect), the app on
+    ``127.0.0.1:6543`` and storage under ``/var/lib/depproxy/storage/``. Each of those literals is
+    replaced; a literal missing from the file is an error, since the rendering would otherwise
+    measure something other than what ships. The TLS server also gets a plain-HTTP listener,
+    which the measurements use (distribution is measured over plain HTTP too); its TLS listener
+    answers with a self-signed certificate. Without a shipped file, ``FALLBACK_FRONT`` stands in.
+    """
+
+    def __init__(self, prefix: Path, root: Path, storage: Path) -> None:
+        super().__init__(prefix)
+        self.port, self.tls_port, self.redirect_port = free_port(), free_port(), free_port()
+        self.storage = storage
+        shipped = root / SHIPPED_FRONT
+        self.source = SHIPPED_FRONT if shipped.exists() else "fallback (bench/harness.py)"
+        self.template = shipped.read_text() if shipped.exists() else FALLBACK_FRONT
+        location = _ACCEL_LOCATION.search(self.template)
+        if location is None:
+            raise RuntimeError(
+                f"{self.source}: no `internal` location serving /var/lib/depproxy/storage/"
+            )
+        self.accel_prefix = location.group(1)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the plain-HTTP listener."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` of the plain-HTTP listener, for ``docker://`` references."""
+        return f"127.0.0.1:{self.port}"
+
+    def render(self, app_host: str) -> str:
+        """The template with this machine's ports and paths (see the class docstring)."""
+        certificate, key = self._self_signed_certificate()
+        storage = f"{self.storage}/"
+        replacements = [
+            ("127.0.0.1:6543", app_host),
+            (
+                "listen 443 ssl",
+                f"listen 127.0.0.1:{self.port}; listen 127.0.0.1:{self.tls_port} ssl",
+            ),
+            ("/etc/ssl/certs/depproxy.pem", str(certificate)),
+            ("/etc/ssl/private/depproxy.key", str(key)),
+            ("registry.example.com", "127.0.0.1"),
+            ("/var/lib/depproxy/storage/", storage),
+        ]
+        text = self.template
+        for literal, value in replacements:
+            if literal not in text:
+                raise RuntimeError(f"{self.source} lacks {literal!r}: cannot render it")
+            text = text.replace(literal, value)
+        text, redirects = re.subn(r"listen\s+80\b", f"listen 127.0.0.1:{self.redirect_port}", text)
+        if not redirects:
+            raise RuntimeError(f"{self.source} lacks 'listen 80': cannot render it")
+        # The bench binds loopback only; logs stay in the prefix, not in the machine's.
+        text = re.sub(r"^\s*listen\s+\[::\][^;]*;[ \t]*$\n?", "", text, flags=re.MULTILINE)
+        return text.replace("/var/log/nginx/", f"{self.prefix}/log/")
+
+    def _self_signed_certificate(self) -> tuple[Path, Path]:
+        certificate, key = self.prefix / "depproxy.pem", self.prefix / "depproxy.key"
+        subprocess.run(
+            [require_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes"]
+            + [
+                "-subj",
+                "/CN=127.0.0.1",
+                "-days",
+                "2",
+                "-keyout",
+                str(key),
+                "-out",
+                str(certificate),
+            ],
+            capture_output=True,
+            check=True,
+        )
+        return certificate, key
+
+    def start(self, app_host: str, timeout: float = 10) -> NginxFront:
+        """Render the front for the app at ``app_host`` and start it."""
+        (self.prefix / "log").mkdir(exist_ok=True)
+        rendered = self.prefix / "depproxy.conf"
+        rendered.write_text(self.render(app_host))
+        self.write_conf(f"    include {rendered};")
+        self._launch(f"{self.url}/v2/", timeout)
+        return self
+
+
+def app_knows_accel_redirect(package: Path) -> bool:
+    """Whether the app reads ``depproxy.storage.accel_redirect`` (older code does not)."""
+    return any(
+        "depproxy.storage.accel_redirect" in source.read_text() for source in package.rglob("*.py")
+    )
 
 
 # Process helpers --------------------------------------------------------------------------------
@@ -305,24 +479,57 @@ class Pull:
     client_cpu: float
 
 
+def servers_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds used so far by the process trees of ``pids`` (nginx's workers included)."""
+    return sum(cpu_seconds(each) for pid in pids for each in tree_pids(pid))
+
+
 def timed_pull(
-    reference: str, dest: Path, creds: tuple[str, str] | None = None, server_pid: int = 0
+    reference: str,
+    dest: Path,
+    creds: tuple[str, str] | None = None,
+    server_pids: Sequence[int] = (),
 ) -> Pull:
     """Wall seconds of one ``skopeo copy docker://REF oci:DEST`` into a fresh directory.
 
-    Also records the CPU seconds used meanwhile by ``server_pid`` (the registry or cache that
-    answers) and by skopeo. The destination is removed and dirty pages flushed (``sync``)
-    afterwards, outside the timed part, so that one pull's writeback does not slow the next.
+    Also records the CPU seconds used meanwhile by the ``server_pids`` trees (the registry or
+    cache that answers, with its front) and by skopeo. The destination is removed and dirty
+    pages flushed (``sync``) afterwards, outside the timed part, so that one pull's writeback
+    does not slow the next.
     """
     remove_tree(dest)
-    server_before = cpu_seconds(server_pid) if server_pid else 0.0
+    server_before = servers_cpu_seconds(server_pids)
     client_before = _children_cpu_seconds()
     started = time.perf_counter()
     try:
         skopeo_pull(reference, dest, creds=creds)
         seconds = time.perf_counter() - started
-        server = cpu_seconds(server_pid) - server_before if server_pid else 0.0
+        server = servers_cpu_seconds(server_pids) - server_before
         return Pull(seconds, server, _children_cpu_seconds() - client_before)
+    finally:
+        remove_tree(dest)
+        os.sync()
+
+
+def concurrent_pulls(
+    reference: str, dest: Path, clients: int, creds: tuple[str, str] | None = None
+) -> float:
+    """Wall seconds until ``clients`` simultaneous pulls of ``reference`` have all finished.
+
+    Each skopeo writes its own directory under ``dest``; all are removed and synced afterwards,
+    outside the timed part.
+    """
+    remove_tree(dest)
+    dest.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            done = [
+                pool.submit(skopeo_pull, reference, dest / str(n), creds) for n in range(clients)
+            ]
+            for each in done:
+                each.result()
+        return time.perf_counter() - started
     finally:
         remove_tree(dest)
         os.sync()
@@ -399,6 +606,11 @@ class WrkResult:
         """Response bytes (headers included) per second, in MiB."""
         return self.bytes / self.seconds / MIB if self.seconds else 0.0
 
+    @property
+    def gb_per_s(self) -> float:
+        """Response bytes (headers included) per second, in GB (10^9 bytes)."""
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
 
 def run_wrk(
     label: str,
@@ -408,11 +620,16 @@ def run_wrk(
     threads: int = 2,
     connections: int = 16,
     seconds: int = 10,
+    timeout: int = 2,
 ) -> WrkResult:
-    """Run ``wrk -tT -cC -dDs`` against ``url`` and parse its summary (via a Lua hook)."""
+    """Run ``wrk -tT -cC -dDs`` against ``url`` and parse its summary (via a Lua hook).
+
+    ``timeout`` is wrk's per-request timeout: a request slower than it counts as an error.
+    """
     script = script_dir / "summary.lua"
     script.write_text(WRK_SCRIPT)
     args = [require_binary("wrk"), f"-t{threads}", f"-c{connections}", f"-d{seconds}s"]
+    args += [f"--timeout={timeout}s"]
     args += ["--latency", "-s", str(script)]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]

@@ -1,19 +1,22 @@
-"""Run every benchmark of depproxy-pyramid once, print a table, update docs/benchmarks.md.
+"""Run every benchmark of depproxy-pyramid once, print the tables, update docs/benchmarks.md.
 
 Usage (from the repository root, with the project's virtualenv)::
 
     .venv/bin/python -m bench.run                 # --big-mb 200 --huge-mb 1024 --repeat 3
-    .venv/bin/python bench/run.py --big-mb 50 --huge-mb 256 --no-docs   # a quick smoke run
+    .venv/bin/python bench/run.py --big-mb 20 --huge-mb 64 --repeat 1 --wrk-seconds 2 --no-docs
 
-What it measures, all on 127.0.0.1 against real processes (see docs/benchmarks.md):
+Three servers answer the same token-auth upstream ``docker-registry`` on 127.0.0.1 (see
+docs/benchmarks.md): depproxy under its own ``pserve`` runner (the embedded default), depproxy
+behind nginx rendered from ``deploy/nginx/depproxy.conf`` (production; X-Accel-Redirect when the
+app supports it), and ``docker-registry`` in proxy mode. For each it measures:
 
-1. ``skopeo copy`` of an image with one uncompressed ``--big-mb`` MiB layer: directly from a
-   token-auth ``docker-registry``, through depproxy cold (fresh group) and warm (same group
-   again), and through ``docker-registry`` in proxy mode cold (fresh storage) and warm.
-2. ``wrk`` throughput (``-c8`` and ``-c16``) of a cached few-MiB blob (depproxy vs. nginx serving
-   the same file, plus distribution's proxy for context) and of a cached tag's manifest
-   (depproxy with ``depproxy.manifest.freshness_seconds`` 0 and 300, distribution's proxy).
-3. Peak RSS of the depproxy server process tree while it fills a ``--huge-mb`` MiB blob cold.
+1. ``skopeo copy`` of an image with one uncompressed ``--big-mb`` MiB layer, cold and warm,
+   interleaved with direct pulls from the upstream, ``--repeat`` rounds;
+2. the server's RSS at rest, after those pulls;
+3. ``wrk -c4`` on the cached image's manifest by digest, and on its cached layer (plus nginx
+   serving the very same file);
+4. wall time of ``--clients`` simultaneous warm pulls, ``--repeat`` rounds;
+5. (depproxy under ``pserve`` only) peak RSS while it fills a ``--huge-mb`` MiB blob cold.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import contextlib
 import dataclasses
 import os
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -38,9 +40,8 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `tests`
 import requests  # noqa: E402
 
 from bench import harness, report  # noqa: E402
-from tests.proxy import PULLER, Proxy, start_proxy  # noqa: E402
+from tests.proxy import PROXY_MARKER, PULLER, Proxy, start_proxy  # noqa: E402
 from tests.support import oci  # noqa: E402
-from tests.support.registry import skopeo_pull  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_ACCEPT = ", ".join(
@@ -52,6 +53,7 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 BIG_REPO, SMALL_REPO, HUGE_REPO, TAG = "bench/big", "bench/small", "bench/huge", "1.0"
+ACCEL_SETTING = "depproxy.storage.accel_redirect"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,17 +63,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--big-mb", type=int, default=200, help="layer of the pull benchmark")
     parser.add_argument("--huge-mb", type=int, default=1024, help="blob of the RSS benchmark")
-    parser.add_argument("--small-mb", type=int, default=4, help="blob of the wrk benchmark")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each pull scenario")
+    parser.add_argument(
+        "--small-mb", type=int, default=4, help="image that warms the RSS benchmark's process"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of pulls (and of --clients)")
+    parser.add_argument("--clients", type=int, default=16, help="simultaneous warm pulls")
     parser.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--wrk-threads", type=int, default=2)
-    parser.add_argument("--wrk-connections", type=int, default=16)
-    parser.add_argument(
-        "--wrk-low-connections",
-        type=int,
-        default=8,
-        help="second, lower wrk concurrency for depproxy and nginx (below the DB pool size)",
-    )
+    parser.add_argument("--wrk-connections", type=int, default=4)
     parser.add_argument("--tmpdir", type=Path, default=None, help="parent of the work directory")
     parser.add_argument(
         "--docs",
@@ -109,6 +108,42 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+@dataclasses.dataclass
+class Ours:
+    """depproxy in one serving stack: its own ``pserve`` process, with or without nginx."""
+
+    key: str
+    proxy: Proxy
+    front: harness.NginxFront | None = None
+
+    @property
+    def host(self) -> str:
+        """Where clients connect: nginx's plain-HTTP listener, or the app itself."""
+        return self.front.host if self.front else self.proxy.host
+
+    @property
+    def url(self) -> str:
+        """Base URL clients use."""
+        return f"http://{self.host}"
+
+    @property
+    def pids(self) -> list[int]:
+        """The serving processes (trees): the app, and nginx's master when in front."""
+        return [self.proxy.server.process.pid] + ([self.front.pid] if self.front else [])
+
+    def ref(self, group: str, image: str, tls: bool = False) -> str:
+        """``docker://`` reference of ``image`` through this stack, in ``group``'s cache.
+
+        ``tls``: through nginx's TLS listener (self-signed; skopeo does not verify it).
+        """
+        host = f"127.0.0.1:{self.front.tls_port}" if tls and self.front else self.host
+        return f"{host}/{group}/{PROXY_MARKER}/{image}"
+
+    def base(self, group: str, repo: str) -> str:
+        """``/v2/<name>`` URL of ``repo`` in ``group``'s cache."""
+        return f"{self.url}/v2/{group}/{PROXY_MARKER}/{repo}"
+
+
 class Bench:
     """One benchmark run: owns the work directory and every process it starts."""
 
@@ -120,7 +155,10 @@ class Bench:
         stack.callback(harness.remove_skopeo_auth_file)
         self.results = report.Results(args=vars(args))
         self.upstream = harness.Upstream(self.workdir / "upstream")
-        self.small: oci.Image | None = None  # the wrk image, once pushed
+        self.big: oci.Image | None = None  # the pulled image, once pushed
+        self.dist: harness.DistributionProxy | None = None  # warm after the pull rounds
+        self.warm_groups: dict[str, str] = {}  # stack key -> group whose cache holds the image
+        self.offload = False  # whether the production app was given ACCEL_SETTING
         self._groups = 0
 
     # Setup ----------------------------------------------------------------------------------
@@ -131,9 +169,9 @@ class Bench:
             self.stack.callback(self.upstream.stop)
             self.upstream.start()
         with step(f"generating and pushing {self.args.big_mb} MiB image"):
-            self.upstream.push_big_image(BIG_REPO, TAG, self.args.big_mb, seed=1)
+            self.big = self.upstream.push_big_image(BIG_REPO, TAG, self.args.big_mb, seed=1)
         with step(f"generating and pushing {self.args.small_mb} MiB image"):
-            self.small = self.upstream.push_big_image(SMALL_REPO, TAG, self.args.small_mb, seed=2)
+            self.upstream.push_big_image(SMALL_REPO, TAG, self.args.small_mb, seed=2)
         with step(f"generating and pushing {self.args.huge_mb} MiB image"):
             self.upstream.push_big_image(HUGE_REPO, TAG, self.args.huge_mb, seed=3)
         os.sync()
@@ -148,6 +186,30 @@ class Bench:
         self.stack.callback(proxy.server.stop)
         return proxy
 
+    def start_embedded(self) -> Ours:
+        """depproxy as the embedded default runs: ``pserve`` (waitress) answers clients."""
+        return Ours("pserve", self.start_proxy("proxy"))
+
+    def start_production(self) -> Ours:
+        """depproxy behind the production nginx front, blobs offloaded when the app can."""
+        workdir = self.workdir / "proxy-front"
+        front = harness.NginxFront(self.workdir / "front", ROOT, workdir / "storage")
+        settings = {"depproxy.external_url": front.url, "depproxy.trusted_proxies": "127.0.0.1"}
+        self.offload = harness.app_knows_accel_redirect(ROOT / "depproxy_pyramid")
+        if self.offload:
+            settings[ACCEL_SETTING] = front.accel_prefix
+        proxy = self.start_proxy(workdir.name, **settings)
+        self.stack.callback(front.stop)
+        with step(f"starting nginx front from {front.source}"):
+            front.start(proxy.host)
+        self.results.facts["front"] = front.source
+        self.results.facts["accel"] = (
+            f"{ACCEL_SETTING} = {front.accel_prefix}"
+            if self.offload
+            else f"off: the app has no {ACCEL_SETTING}, blobs pass through nginx"
+        )
+        return Ours("nginx", proxy, front)
+
     def new_group(self, proxy: Proxy, kind: str) -> str:
         """A fresh private group (an empty cache) the puller belongs to."""
         self._groups += 1
@@ -159,39 +221,61 @@ class Bench:
         self.stack.callback(dist.stop)
         return dist.start()
 
-    # 1 + 2: pulls ---------------------------------------------------------------------------
+    def check_offload(self, ours: Ours) -> None:
+        """With the setting passed, the app must answer a cached blob with X-Accel-Redirect."""
+        if not self.offload:
+            return
+        assert self.big is not None
+        group = self.warm_groups[ours.key]
+        proxy = ours.proxy
+        url = f"{proxy.url}/v2/{group}/{PROXY_MARKER}/{BIG_REPO}/blobs/{self.big.layers[0].digest}"
+        auth = {"Authorization": f"Bearer {proxy.token(group, BIG_REPO)}"}
+        with requests.get(url, headers=auth, stream=True, timeout=30) as answer:
+            header = answer.headers.get("X-Accel-Redirect")
+        if not header:
+            raise RuntimeError(f"{ACCEL_SETTING} is set but the app sent no X-Accel-Redirect")
+        log(f"  the app offloads cached blobs: X-Accel-Redirect: {header}")
 
-    def pulls(self, proxy: Proxy) -> None:
-        """Direct, depproxy cold/warm, distribution cold/warm; interleaved, ``--repeat`` times."""
-        names = ["direct", "depproxy_cold", "depproxy_warm", "dist_cold", "dist_warm"]
-        timings = {name: harness.Timings(name) for name in names}
+    # 1: pulls -------------------------------------------------------------------------------
+
+    def pulls(self, stacks: Sequence[Ours]) -> None:
+        """Direct, each of ours cold/warm, distribution cold/warm; interleaved, ``--repeat``×.
+
+        Each round has fresh caches: new groups for depproxy, a new distribution instance on
+        empty storage. The last round's caches stay warm for what follows.
+        """
+        timings: dict[str, harness.Timings] = {"direct": harness.Timings("direct")}
         dest = self.workdir / "pulled"
         image = f"{BIG_REPO}:{TAG}"
-        proxy_pid = proxy.server.process.pid
         for run in range(1, self.args.repeat + 1):
             with step(f"pull round {run}/{self.args.repeat}"):
                 timings["direct"].pulls.append(
                     harness.timed_pull(
-                        f"{self.upstream.host}/{image}", dest, server_pid=self.upstream.pid
+                        f"{self.upstream.host}/{image}", dest, server_pids=[self.upstream.pid]
                     )
                 )
-                group = self.new_group(proxy, "pull")
-                for name in ("depproxy_cold", "depproxy_warm"):
-                    timings[name].pulls.append(
+                for ours in stacks:
+                    group = self.warm_groups[ours.key] = self.new_group(ours.proxy, ours.key)
+                    # Behind nginx, a third pull shows what TLS costs; the others are plain HTTP.
+                    states = ["cold", "warm"] + (["warm over TLS"] if ours.front else [])
+                    for state in states:
+                        ref = ours.ref(group, image, tls=state == "warm over TLS")
+                        timings.setdefault(f"{ours.key}_{state}", harness.Timings(ours.key))
+                        timings[f"{ours.key}_{state}"].pulls.append(
+                            harness.timed_pull(ref, dest, creds=PULLER, server_pids=ours.pids)
+                        )
+                if self.dist is not None:
+                    self.dist.stop()
+                    harness.remove_tree(self.dist.workdir)
+                self.dist = self.start_distribution(f"dist-{run}")
+                for state in ("cold", "warm"):
+                    timings.setdefault(f"distribution_{state}", harness.Timings("distribution"))
+                    timings[f"distribution_{state}"].pulls.append(
                         harness.timed_pull(
-                            proxy.ref(group, image), dest, creds=PULLER, server_pid=proxy_pid
+                            f"{self.dist.host}/{image}", dest, server_pids=[self.dist.pid]
                         )
                     )
-                dist = self.start_distribution(f"dist-pull-{run}")
-                try:
-                    for name in ("dist_cold", "dist_warm"):
-                        timings[name].pulls.append(
-                            harness.timed_pull(f"{dist.host}/{image}", dest, server_pid=dist.pid)
-                        )
-                finally:
-                    dist.stop()
-                    harness.remove_tree(dist.workdir)
-                log("  " + ", ".join(f"{name} {timings[name].seconds[-1]:.2f}s" for name in names))
+                log("  " + ", ".join(f"{name} {t.seconds[-1]:.2f}s" for name, t in timings.items()))
         self.results.pulls = timings
 
     def profile(self, proxy: Proxy, output: Path) -> None:
@@ -203,6 +287,22 @@ class Bench:
             )
         self.results.profile = harness.top_frames(output)
 
+    # 2: RSS at rest -------------------------------------------------------------------------
+
+    def rss_at_rest(self, stacks: Sequence[Ours]) -> None:
+        """Each server's RSS once idle after the pull rounds (app and nginx counted apart)."""
+        assert self.dist is not None, "pulls() first"
+        time.sleep(1)
+        for ours in stacks:
+            app = harness.settled_rss_kib(ours.proxy.server.process.pid)
+            front = harness.settled_rss_kib(ours.front.pid) if ours.front else 0
+            self.results.rss[ours.key] = report.Resting(app, front)
+        self.results.rss["distribution"] = report.Resting(harness.settled_rss_kib(self.dist.pid))
+        log(
+            "  "
+            + ", ".join(f"{key} {rss.total_mib:.1f} MiB" for key, rss in self.results.rss.items())
+        )
+
     # 3: throughput --------------------------------------------------------------------------
 
     def wrk(
@@ -210,16 +310,19 @@ class Bench:
         label: str,
         url: str,
         headers: dict[str, str],
-        connections: int | None = None,
         server_log: Path | None = None,
-    ) -> None:
-        """One wrk run after a short sequential warm-up; counts pool timeouts in the log."""
-        connections = connections or self.args.wrk_connections
+        warmup: int = 20,
+        timeout: int = 2,
+    ) -> harness.WrkResult:
+        """One wrk run after ``warmup`` sequential GETs; counts pool timeouts in the log."""
+        connections = self.args.wrk_connections
         with requests.Session() as session:
-            for _ in range(20):
-                answer = session.get(url, headers=headers, timeout=60)
-                if answer.status_code != 200:
-                    raise RuntimeError(f"{label}: GET {url} answered {answer.status_code}")
+            for _ in range(warmup):
+                with session.get(url, headers=headers, timeout=60, stream=True) as answer:
+                    if answer.status_code != 200:
+                        raise RuntimeError(f"{label}: GET {url} answered {answer.status_code}")
+                    for _chunk in answer.iter_content(harness.MIB):
+                        pass
         log_offset = server_log.stat().st_size if server_log else 0
         label = f"{label} (-c{connections})"
         with step(f"wrk {label}"):
@@ -228,17 +331,18 @@ class Bench:
                 url,
                 headers,
                 self.workdir,
-                threads=self.args.wrk_threads,
+                threads=min(self.args.wrk_threads, connections),
                 connections=connections,
                 seconds=self.args.wrk_seconds,
+                timeout=timeout,
             )
         if server_log is not None:
             result = self._check_recovery(result, url, headers, server_log, log_offset)
         log(
-            f"  {result.rps:.0f} req/s, {result.mib_per_s:.1f} MiB/s, {result.errors} errors"
+            f"  {result.rps:.0f} req/s, {result.gb_per_s:.2f} GB/s, {result.errors} errors"
             + (f"; {result.note}" if result.note else "")
         )
-        self.results.throughput.append(result)
+        return result
 
     @staticmethod
     def _check_recovery(
@@ -254,7 +358,9 @@ class Bench:
         answers only once those give up, after SQLAlchemy's 30 s pool timeout.
         """
         started = time.monotonic()
-        answer = requests.get(url, headers=headers, timeout=120)
+        with requests.get(url, headers=headers, timeout=120, stream=True) as answer:
+            for _chunk in answer.iter_content(harness.MIB):
+                pass
         waited = time.monotonic() - started
         time.sleep(0.5)
         with server_log.open("rb") as handle:
@@ -268,79 +374,85 @@ class Bench:
             notes.append(f"{pool} requests failed with a SQLAlchemy QueuePool timeout")
         return dataclasses.replace(result, note="; ".join(notes)) if notes else result
 
-    def throughput(self, proxy: Proxy) -> None:
-        """Cached blob (depproxy, nginx, distribution) and cached tag manifest GETs."""
-        image = f"{SMALL_REPO}:{TAG}"
-        assert self.small is not None, "start_upstream() first"
-        layer = self.small.layers[0].digest
-        group = self.new_group(proxy, "wrk")
-        skopeo_pull(proxy.ref(group, image), self.workdir / "pulled", creds=PULLER)
-        harness.remove_tree(self.workdir / "pulled")
-        base = f"{proxy.url}/v2/{group}/dependency_proxy/containers/{SMALL_REPO}"
-        auth = {"Authorization": f"Bearer {proxy.token(group, SMALL_REPO)}"}
-        blob_path = proxy.storage / str(proxy.group_id(group)) / "blobs" / "sha256" / layer[7:]
-        proxy_log = proxy.server.log_path
-
-        levels = (self.args.wrk_low_connections, self.args.wrk_connections)
+    def throughput(self, stacks: Sequence[Ours]) -> None:
+        """Cached manifest by digest, then the cached big layer (and nginx sending its file)."""
+        assert self.big is not None and self.dist is not None, "pulls() first"
+        manifest, layer = self.big.manifest.digest, self.big.layers[0].digest
+        # A 200 MiB answer may take longer than wrk's default 2 s per request at -c4.
+        blob_timeout = 60
+        for ours in stacks:
+            group = self.warm_groups[ours.key]
+            auth = {"Authorization": f"Bearer {ours.proxy.token(group, BIG_REPO)}"}
+            base, app_log = ours.base(group, BIG_REPO), ours.proxy.server.log_path
+            self.results.manifest[ours.key] = self.wrk(
+                f"{report.STACKS[ours.key]}: manifest by digest",
+                f"{base}/manifests/{manifest}",
+                {**auth, "Accept": MANIFEST_ACCEPT},
+                app_log,
+            )
+            self.results.blob[ours.key] = self.wrk(
+                f"{report.STACKS[ours.key]}: cached blob",
+                f"{base}/blobs/{layer}",
+                auth,
+                app_log,
+                warmup=2,
+                timeout=blob_timeout,
+            )
+        dist_base = f"{self.dist.url}/v2/{BIG_REPO}"
+        self.results.manifest["distribution"] = self.wrk(
+            f"{report.STACKS['distribution']}: manifest by digest",
+            f"{dist_base}/manifests/{manifest}",
+            {"Accept": MANIFEST_ACCEPT},
+        )
+        self.results.blob["distribution"] = self.wrk(
+            f"{report.STACKS['distribution']}: cached blob",
+            f"{dist_base}/blobs/{layer}",
+            {},
+            warmup=2,
+            timeout=blob_timeout,
+        )
+        embedded = stacks[0].proxy
+        group = self.warm_groups[stacks[0].key]
         nginx = harness.Nginx(self.workdir / "nginx")
-        shutil.copyfile(blob_path, nginx.html / "blob")
+        # The very file depproxy serves, linked rather than copied.
+        os.link(
+            embedded.storage / str(embedded.group_id(group)) / "blobs" / "sha256" / layer[7:],
+            nginx.html / "blob",
+        )
         self.stack.callback(nginx.stop)
         nginx.start()
         try:
-            for connections in levels:
-                self.wrk("nginx static file", f"{nginx.url}/blob", {}, connections)
+            self.results.blob["nginx_static"] = self.wrk(
+                f"{report.STACKS['nginx_static']}: the same file",
+                f"{nginx.url}/blob",
+                {},
+                warmup=2,
+                timeout=blob_timeout,
+            )
         finally:
             nginx.stop()
-        for connections in levels:
-            self.wrk("depproxy cached blob", f"{base}/blobs/{layer}", auth, connections, proxy_log)
 
-        dist = self.start_distribution("dist-wrk")
-        try:
-            skopeo_pull(f"{dist.host}/{image}", self.workdir / "pulled")
-            harness.remove_tree(self.workdir / "pulled")
-            dist_base = f"{dist.url}/v2/{SMALL_REPO}"
-            self.wrk("distribution proxy cached blob", f"{dist_base}/blobs/{layer}", {})
-            self.wrk(
-                "distribution proxy manifest (revalidates)",
-                f"{dist_base}/manifests/{TAG}",
-                {"Accept": MANIFEST_ACCEPT},
-            )
-        finally:
-            dist.stop()
+    # 4: simultaneous pulls ------------------------------------------------------------------
 
-        fresh = self.start_proxy("proxy-fresh", **{"depproxy.manifest.freshness_seconds": "300"})
-        try:
-            fresh_group = self.new_group(fresh, "fresh")
-            fresh_url = (
-                f"{fresh.url}/v2/{fresh_group}/dependency_proxy/containers/{SMALL_REPO}"
-                f"/manifests/{TAG}"
-            )
-            fresh_headers = {
-                "Authorization": f"Bearer {fresh.token(fresh_group, SMALL_REPO)}",
-                "Accept": MANIFEST_ACCEPT,
-            }
-            for connections in levels:
-                self.wrk(
-                    "depproxy manifest, freshness 300",
-                    fresh_url,
-                    fresh_headers,
-                    connections,
-                    fresh.server.log_path,
+    def concurrency(self, stacks: Sequence[Ours]) -> None:
+        """``--clients`` simultaneous warm pulls per server, interleaved, ``--repeat`` rounds."""
+        assert self.dist is not None, "pulls() first"
+        image, dest = f"{BIG_REPO}:{TAG}", self.workdir / "pulled"
+        clients = self.args.clients
+        for run in range(1, self.args.repeat + 1):
+            with step(f"{clients} simultaneous warm pulls, round {run}/{self.args.repeat}"):
+                for ours in stacks:
+                    ref = ours.ref(self.warm_groups[ours.key], image)
+                    seconds = harness.concurrent_pulls(ref, dest, clients, creds=PULLER)
+                    self.results.concurrent.setdefault(ours.key, []).append(seconds)
+                seconds = harness.concurrent_pulls(f"{self.dist.host}/{image}", dest, clients)
+                self.results.concurrent.setdefault("distribution", []).append(seconds)
+                log(
+                    "  "
+                    + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in self.results.concurrent.items())
                 )
-        finally:
-            fresh.server.stop()
 
-        # At -c16 this may stall the process for the DB pool timeout (see docs/benchmarks.md).
-        for connections in levels:
-            self.wrk(
-                "depproxy manifest, freshness 0",
-                f"{base}/manifests/{TAG}",
-                {**auth, "Accept": MANIFEST_ACCEPT},
-                connections,
-                proxy_log,
-            )
-
-    # 4: memory ------------------------------------------------------------------------------
+    # 5: memory ------------------------------------------------------------------------------
 
     def memory(self) -> None:
         """RSS of a fresh depproxy process tree while a ``--huge-mb`` blob is pulled cold."""
@@ -381,7 +493,7 @@ class Bench:
 
 def run(args: argparse.Namespace, command: str) -> report.Results:
     """Every benchmark, with every process stopped and the work directory removed at the end."""
-    for tool in ("docker-registry", "skopeo", "nginx", "wrk"):
+    for tool in ("docker-registry", "skopeo", "nginx", "wrk", "openssl"):
         harness.require_binary(tool)
     with contextlib.ExitStack() as stack:
         bench = Bench(args, stack)
@@ -390,12 +502,20 @@ def run(args: argparse.Namespace, command: str) -> report.Results:
         bench.results.facts["code"] = harness.code_version(ROOT)
         started = time.monotonic()
         bench.start_upstream()
-        proxy = bench.start_proxy("proxy")
-        bench.pulls(proxy)
+        stacks = [bench.start_embedded(), bench.start_production()]
+        bench.pulls(stacks)
+        bench.check_offload(stacks[1])
+        bench.rss_at_rest(stacks)
         if args.py_spy is not None:
-            bench.profile(proxy, args.py_spy.resolve())
-        bench.throughput(proxy)
-        proxy.server.stop()
+            bench.profile(stacks[0].proxy, args.py_spy.resolve())
+        bench.throughput(stacks)
+        bench.concurrency(stacks)
+        assert bench.dist is not None
+        bench.dist.stop()
+        for ours in stacks:
+            if ours.front:
+                ours.front.stop()
+            ours.proxy.server.stop()
         bench.memory()
         bench.results.runtime_seconds = time.monotonic() - started
         bench.results.facts["load average at end"] = harness.load_average()

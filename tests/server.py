@@ -136,7 +136,9 @@ class ServerProcess:
         """Whether the server answers HTTP yet (any status will do)."""
         try:
             requests.get(f"{self.url}/v2/", timeout=1)
-        except requests.ConnectionError:
+        # A server may accept connections before it can answer (gunicorn's workers boot after
+        # the master listens).
+        except (requests.ConnectionError, requests.Timeout):
             return False
         return True
 
