@@ -83,7 +83,8 @@ class Proxy:
             )
 
     def stored_blob_files(self, group: str) -> list[Path]:
-        return sorted((self.storage / str(self.group_id(group)) / "blobs").rglob("*.*"))
+        blobs = self.storage / str(self.group_id(group)) / "blobs"
+        return sorted(path for path in blobs.rglob("*") if path.is_file())
 
     def spool_files(self) -> list[Path]:
         return sorted((self.storage / ".tmp").glob("*"))

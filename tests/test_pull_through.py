@@ -168,6 +168,7 @@ def test_corrupting_upstream_caches_nothing(proxy, upstream, group, tmp_path, fa
     assert set(upstream.images[image].source.blob_digests) <= layout_blobs(tmp_path / "good")
     # A fill records its row just after its clients have the last byte.
     wait_for(lambda: proxy.cached_blobs(group) == len(upstream.images[image].source.blob_digests))
+    assert len(proxy.stored_blob_files(group)) == proxy.cached_blobs(group)
 
 
 def receive(answer: requests.Response) -> tuple[int, bool]:
