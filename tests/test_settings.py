@@ -17,6 +17,7 @@ def test_defaults():
     assert settings.external_url is None
     assert settings.storage == "filesystem"
     assert settings.upstream_registries == {}
+    assert settings.upstream_max_in_flight == 32
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,8 @@ def test_defaults():
         ({"depproxy.development": "maybe"}, "depproxy.development"),
         ({"depproxy.upstream.registries": "not a host"}, "depproxy.upstream.registries"),
         ({"depproxy.upstream.registries": "ghcr.io=gopher://x"}, "depproxy.upstream.registries"),
+        ({"depproxy.upstream.max_in_flight": "0"}, "depproxy.upstream.max_in_flight"),
+        ({"depproxy.upstream.max_in_flight": "many"}, "depproxy.upstream.max_in_flight"),
     ],
 )
 def test_bad_settings_name_their_key(overrides, key):

@@ -20,7 +20,7 @@ from ..names import parse_repository, validate_digest, validate_reference
 from ..permissions import Permission
 from ..resources import RepositoryResource, Root
 from ..security import check_metrics_access
-from ..services.fills import CHUNK_SIZE, Fill, FillError
+from ..services.fills import CHUNK_SIZE, FillError, FillStream
 from ..services.proxy import GroupUpstream, ProxyService
 from ..storage import BlobNotFound
 
@@ -240,7 +240,8 @@ def blob_response(
         if response is None:
             raise RegistryError(503, "UNAVAILABLE", "the blob was cached and removed; retry")
         return response
-    return _fill_response(request, service, fill, access)
+    with fill.closed_on_error():
+        return _fill_response(request, service, fill, access)
 
 
 def _cached_blob_response(request, service: ProxyService, row, access: AccessLog):
@@ -287,7 +288,9 @@ def _chunks(stream) -> Iterator[bytes]:
             yield chunk
 
 
-def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog) -> Response:
+def _fill_response(
+    request, service: ProxyService, fill: FillStream, access: AccessLog
+) -> Response:
     if request.range is not None:
         # A whole body holds back its last bytes until the digest checks out; a range has no
         # such last byte, so it is cut only from a verified blob (and its size is known then).
@@ -319,7 +322,8 @@ def _fill_response(request, service: ProxyService, fill: Fill, access: AccessLog
         access.write(response.status_int, result, body.sent, fill.upstream_status)
 
     body = itertools.chain([first] if first else [], chunks)
-    response.app_iter = CountedBody(body, finished, close=chunks.close)
+    # Closing the stream gives its upstream slot back, however the body ends.
+    response.app_iter = CountedBody(body, finished, close=fill.close)
     # Set after app_iter, whose setter forgets the length.
     response.content_length = length
     return response
