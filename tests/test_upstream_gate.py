@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from depproxy_pyramid.services.fills import Fill, FillStream
+from depproxy_pyramid.services.proxy import upstream_error
 from depproxy_pyramid.upstream import (
     UpstreamAuthFailed,
     UpstreamBadDigest,
@@ -427,3 +428,18 @@ def test_a_fill_stream_is_closed_when_building_its_response_fails(gate, fill):
     assert gate.in_flight == 1  # no error: the response body owns it now
     other.close()
     assert gate.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("refusal", "retry_after"),
+    [
+        (UpstreamBusy("the proxy is waiting on too many upstream requests", retry_after=5), "5"),
+        (UpstreamCircuitOpen("the upstream registry is unavailable", retry_after=7), "7"),
+    ],
+)
+def test_a_refusal_is_a_503_with_retry_after_and_no_log_line(refusal, retry_after, caplog):
+    caplog.set_level(logging.DEBUG)
+    error = upstream_error(refusal, "BLOB_UNKNOWN", "sha256:" + "0" * 64)
+    assert (error.status, error.code, error.message) == (503, "UNAVAILABLE", refusal.message)
+    assert error.headers == {"Retry-After": retry_after}
+    assert caplog.records == []
