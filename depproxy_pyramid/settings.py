@@ -42,6 +42,9 @@ class Settings:
     upstream_connect_timeout: float
     upstream_read_timeout: float
     upstream_revalidate_timeout: float
+    # Requests waiting on upstream at once in this process; below the server's thread count, so
+    # that cached pulls always find a worker.
+    upstream_max_in_flight: int
     # Group paths (each with its subgroups) allowed to pull with the instance-wide upstream
     # credentials; "*" for every group. Empty: the instance credentials are never used.
     upstream_credential_groups: tuple[str, ...]
@@ -211,6 +214,9 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         ),
         upstream_revalidate_timeout=_number(
             settings, "depproxy.upstream.revalidate_timeout", 5.0, minimum=0.1, kind=float
+        ),
+        upstream_max_in_flight=int(
+            _number(settings, "depproxy.upstream.max_in_flight", 32, minimum=1)
         ),
         upstream_credential_groups=_words(settings, "depproxy.upstream.credential_groups"),
         upstream_realms=_realms(settings, "depproxy.upstream.realms"),

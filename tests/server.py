@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(condition, timeout: float = 10) -> None:
+def wait_for(condition, timeout: float = 15) -> None:
     """Return once `condition()` is true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -17,6 +17,7 @@ def test_defaults():
     assert settings.external_url is None
     assert settings.storage == "filesystem"
     assert settings.upstream_registries == {}
+    assert settings.upstream_max_in_flight == 32
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,8 @@ def test_defaults():
             ({"depproxy.storage.accel_redirect": prefix}, "depproxy.storage.accel_redirect")
             for prefix in ("/no-trailing-slash", "relative/", "/a/../b/", "/a?b=1/", "/a%2e/", "/")
         ),
+        ({"depproxy.upstream.max_in_flight": "0"}, "depproxy.upstream.max_in_flight"),
+        ({"depproxy.upstream.max_in_flight": "many"}, "depproxy.upstream.max_in_flight"),
     ],
 )
 def test_bad_settings_name_their_key(overrides, key):

@@ -376,6 +376,24 @@ def test_stalled_blobs_hang_until_released(upstream: Upstream) -> None:
     assert 0.2 < time.monotonic() - started < 5
 
 
+def test_hung_requests_get_no_answer_until_released(upstream: Upstream) -> None:
+    upstream.relay.set_mode(Fault.HANG)
+    url = f"{upstream.url}/v2/library/alpine/manifests/latest"
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.get(url, timeout=(5, 0.5))
+    assert 0.5 <= time.monotonic() - started < 5
+    assert upstream.relay.count(method="GET", kind="manifest") == 1
+
+    # Released, a hung request is closed without an answer, and the next one is relayed.
+    threading.Timer(0.3, upstream.relay.set_mode, args=(Fault.NORMAL,)).start()
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(url, timeout=10)
+    assert 0.2 < time.monotonic() - started < 5
+    assert requests.get(url, timeout=5).status_code == 401
+
+
 def test_slow_mode_delays_requests(upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream.relay, "slow_seconds", 0.3)
     upstream.relay.set_mode(Fault.SLOW)

@@ -22,8 +22,8 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 
 from ..errors import RegistryError
@@ -283,7 +283,7 @@ class Fill:
             return FillError("the upstream transfer failed")
         return FillError("the transfer failed; the details are in the server log")
 
-    def read(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def read(self, start: int = 0, end: int | None = None) -> Generator[bytes, None, None]:
         """Bytes `start..end-1` (to the end of the blob when `end` is None), as they land."""
         position = start
         while end is None or position < end:
@@ -309,6 +309,59 @@ class Fill:
                 raise FillError("spool file ended early")
             position += len(data)
             yield data
+
+
+class FillStream:
+    """One client's read of a fill, holding its place in the upstream budget until closed.
+
+    The server closes the response body when it is done with it, whether the client read it
+    all, disconnected or the fill failed: `close` stops the reads and releases the place.
+    """
+
+    def __init__(self, fill: Fill, release: Callable[[], None]) -> None:
+        self.fill = fill
+        self._readers: list[Generator[bytes, None, None]] = []
+        # Also run should the body be dropped unclosed: a lost place would shrink the budget
+        # for the rest of the process's life.
+        self._release = weakref.finalize(self, release)
+
+    @property
+    def digest(self) -> str:
+        return self.fill.digest
+
+    @property
+    def size(self) -> int | None:
+        return self.fill.size
+
+    @property
+    def content_type(self) -> str:
+        return self.fill.content_type
+
+    @property
+    def upstream_status(self) -> int | None:
+        return self.fill.upstream_status
+
+    def wait_verified(self) -> None:
+        self.fill.wait_verified()
+
+    def read(self, start: int = 0, end: int | None = None) -> Generator[bytes, None, None]:
+        reader = self.fill.read(start, end)
+        self._readers.append(reader)
+        return reader
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+        self._release()
+
+    @contextmanager
+    def closed_on_error(self) -> Iterator[None]:
+        """Close the stream if the block fails: no body will be there for the server to close."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
 
 class BlobFills:

@@ -48,7 +48,8 @@ from ..upstream import (
     UpstreamUnavailable,
 )
 from ..upstream.client import UpstreamClient
-from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits
+from ..upstream.gate import CircuitBreaker, Slot, UpstreamBusy, UpstreamGate, UpstreamHeldBack
+from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits, FillStream
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ class OffloadedBlob:
 
 @dataclass(frozen=True)
 class FilledBlob:
-    """A blob streaming from upstream through `fill`; `span` as for `StoredBlob`."""
+    """A blob streaming from upstream through `fill`, which the response body must close;
+    `span` as for `StoredBlob`."""
 
-    fill: Fill
+    fill: FillStream
     span: tuple[int, int] | None
 
 
@@ -165,6 +167,12 @@ def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> Regist
     Its message never repeats the upstream error's own, which can name upstream hosts, ports,
     addresses and redirect targets: those go to the server log, at WARNING.
     """
+    if isinstance(error, UpstreamHeldBack):
+        # Written to be shown, and not logged per request: the breaker logs when it opens, and
+        # the access log and the metrics count the refusals.
+        return RegistryError(
+            503, "UNAVAILABLE", error.message, None, {"Retry-After": str(error.retry_after)}
+        )
     detail = {"upstream_status": error.status} if error.status else None
     particulars = getattr(error, "detail", "")
     log.log(
@@ -240,6 +248,12 @@ class ProxyService:
         self.session_factory = session_factory
         self.metrics = metrics
         self.fills = BlobFills(storage.spool_dir, self._commit_blob)
+        self.gate = UpstreamGate(
+            settings.upstream_max_in_flight,
+            upstreams.registries,
+            on_change=lambda registry, state: metrics.upstream_circuit.labels(registry).set(state),
+        )
+        metrics.upstream_in_flight.set_function(lambda: self.gate.in_flight)
         self._manifest_locks: weakref.WeakValueDictionary[tuple[int, str, str], _KeyLock] = (
             weakref.WeakValueDictionary()
         )
@@ -310,14 +324,35 @@ class ProxyService:
             )
             if fresh:
                 return ServedManifest(content, cached.content_type, cached.digest, Result.HIT)
-            return self._revalidate(group, image, reference, cached, content)
-        # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts.
-        with self._manifest_fetch_lock((group.group_id, image, reference)):
+            try:
+                slot = self.gate.slot()
+            except UpstreamBusy as error:
+                self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
+                return self._stale(image, reference, cached, content, error)
+            with slot:
+                return self._revalidate(group, image, reference, cached, content)
+        # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts. The
+        # ones waiting for it wait on upstream too, so each holds a slot.
+        with (
+            self._slot("manifest", f"{image}:{reference}", "MANIFEST_UNKNOWN"),
+            self._manifest_fetch_lock((group.group_id, image, reference)),
+        ):
             found = self._lookup_manifest(group.group_id, image, reference)
             if found is not None:
                 _, cached, content = found
                 return ServedManifest(content, cached.content_type, cached.digest, Result.HIT)
             return self._fetch_manifest(group, image, reference, result=Result.MISS)
+
+    def _slot(self, kind: str, what: str, unknown_code: str) -> Slot:
+        """A slot of the upstream budget, or the registry error telling the client to retry."""
+        try:
+            return self.gate.slot()
+        except UpstreamBusy as error:
+            self.metrics.upstream_errors.labels(kind, type(error).__name__).inc()
+            raise upstream_error(error, unknown_code, what) from error
+
+    def _breaker(self, client: UpstreamClient) -> CircuitBreaker:
+        return self.gate.breaker(self.upstreams.registry_of(client))
 
     @contextmanager
     def _manifest_fetch_lock(self, key: tuple[int, str, str]) -> Iterator[None]:
@@ -392,24 +427,16 @@ class ProxyService:
     ) -> ServedManifest:
         client, name, credentials = self._resolve(group, image)
         try:
-            current = client.head_manifest(
-                name,
-                tag,
-                credentials=credentials,
-                read_timeout=self.settings.upstream_revalidate_timeout,
-            )
+            with self._breaker(client).call():
+                current = client.head_manifest(
+                    name,
+                    tag,
+                    credentials=credentials,
+                    read_timeout=self.settings.upstream_revalidate_timeout,
+                )
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
-            log.warning(
-                "serving stale %s:%s (%s) because upstream failed: %s",
-                image,
-                tag,
-                cached.digest,
-                error.message,
-            )
-            return ServedManifest(
-                content, cached.content_type, cached.digest, Result.STALE, error.status
-            )
+            return self._stale(image, tag, cached, content, error)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{tag}") from error
@@ -426,6 +453,31 @@ class ProxyService:
                 )
             return ServedManifest(content, cached.content_type, cached.digest, Result.HIT, 200)
         return self._fetch_manifest(group, image, tag, result=Result.MISS, stale=(cached, content))
+
+    def _stale(
+        self,
+        image: str,
+        reference: str,
+        cached: CachedManifest,
+        content: bytes,
+        error: UpstreamError,
+    ) -> ServedManifest:
+        """The cached copy of a tag, served because upstream failed or was not asked."""
+        # Held back, upstream was not asked: the breaker logged once when it opened.
+        level = logging.INFO if isinstance(error, UpstreamHeldBack) else logging.WARNING
+        log.log(
+            level,
+            "serving stale %s:%s (%s) because upstream failed: %s%s",
+            image,
+            reference,
+            cached.digest,
+            error.message,
+            # Whatever upstream sent instead (a non-manifest, say) is neither kept nor served.
+            f" ({error.detail})" if isinstance(error, UpstreamInvalid) else "",
+        )
+        return ServedManifest(
+            content, cached.content_type, cached.digest, Result.STALE, error.status
+        )
 
     def _resolve(
         self, group: GroupUpstream, image: str
@@ -448,21 +500,12 @@ class ProxyService:
     ) -> ServedManifest:
         client, name, credentials = self._resolve(group, image)
         try:
-            manifest = client.get_manifest(name, reference, credentials=credentials)
+            with self._breaker(client).call():
+                manifest = client.get_manifest(name, reference, credentials=credentials)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             if stale is not None and isinstance(error, UpstreamUnavailable | UpstreamRateLimited):
-                cached, content = stale
-                # Whatever upstream sent instead (a non-manifest, say) is neither kept nor served.
-                log.warning(
-                    "serving stale %s:%s (%s) because fetching its new digest failed: %s%s",
-                    image,
-                    reference,
-                    cached.digest,
-                    error.message,
-                    f" ({error.detail})" if isinstance(error, UpstreamInvalid) else "",
-                )
-                return ServedManifest(content, cached.content_type, cached.digest, Result.STALE)
+                return self._stale(image, reference, *stale, error)
             raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{reference}") from error
         self._store_manifest(group.group_id, image, reference, manifest)
         return ServedManifest(manifest.content, manifest.media_type, manifest.digest, result, 200)
@@ -526,22 +569,24 @@ class ProxyService:
             ref = self.head_blob_upstream(group, image, digest)
             content_type = ref.media_type or "application/octet-stream"
             return StoredBlob(digest, content_type, ref.size, None, None, Result.MISS)
-        fill = self.blob_fill(group, image, digest)
-        if fill is None:
+        stream = self.blob_fill(group, image, digest)
+        if stream is None:
             # Another request's fill committed it between our lookup and our join.
             row = self.cached_blob(group.group_id, digest)
             answer = row and self._stored_blob(row, head, byte_range)
             if answer is None:
                 raise RegistryError(503, "UNAVAILABLE", "the blob was cached and removed; retry")
             return answer
-        if byte_range is not None:
-            # A whole body holds back its last bytes until the digest checks out; a range has
-            # no such last byte, so it is cut only from a verified blob (its size known then).
-            try:
-                fill.wait_verified()
-            except FillError as error:
-                raise error.registry_error(fill.upstream_status) from error
-        return FilledBlob(fill, byte_span(byte_range, fill.size))
+        with stream.closed_on_error():
+            if byte_range is not None:
+                # A whole body holds back its last bytes until the digest checks out; a range
+                # has no such last byte, so it is cut only from a verified blob (its size known
+                # then).
+                try:
+                    stream.wait_verified()
+                except FillError as error:
+                    raise error.registry_error(stream.upstream_status) from error
+            return FilledBlob(stream, byte_span(byte_range, stream.size))
 
     def _stored_blob(
         self, row: CachedBlob, head: bool, byte_range: Range | None
@@ -596,7 +641,8 @@ class ProxyService:
     def head_blob_upstream(self, group: GroupUpstream, image: str, digest: str) -> BlobRef:
         client, name, credentials = self._resolve(group, image)
         try:
-            ref = client.head_blob(name, digest, credentials=credentials)
+            with self.gate.call(self.upstreams.registry_of(client)):
+                ref = client.head_blob(name, digest, credentials=credentials)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
             raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
@@ -605,14 +651,35 @@ class ProxyService:
             raise BlobTooLarge.over(self.settings.blob_max_size).registry_error()
         return ref
 
-    def blob_fill(self, group: GroupUpstream, image: str, digest: str) -> Fill | None:
-        """The fill serving this blob (joined or started), or None when it is now cached."""
+    def blob_fill(self, group: GroupUpstream, image: str, digest: str) -> FillStream | None:
+        """A read of the fill serving this blob (joined or started), or None when it is now
+        cached. The stream holds a slot of the upstream budget until it is closed."""
         client, name, credentials = self._resolve(group, image)
+        breaker = self._breaker(client)
 
         def open_upstream():
-            self.metrics.upstream_fetches.inc()
-            return client.open_blob(name, digest, credentials=credentials)
+            with breaker.call():
+                self.metrics.upstream_fetches.inc()
+                return client.open_blob(name, digest, credentials=credentials)
 
+        try:
+            # Refused here rather than by a fill of its own, which would log its failure.
+            breaker.check()
+        except UpstreamHeldBack as error:
+            self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
+            raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
+        slot = self._slot("blob", digest, "BLOB_UNKNOWN")
+        try:
+            fill = self._started_fill(group, digest, open_upstream)
+        except BaseException:
+            slot.release()
+            raise
+        if fill is None:
+            slot.release()
+            return None
+        return FillStream(fill, slot.release)
+
+    def _started_fill(self, group: GroupUpstream, digest: str, open_upstream) -> Fill | None:
         fill = self.fills.join_or_start(
             group.group_id,
             digest,

@@ -5,6 +5,7 @@
 - `transport`: one HTTP session per upstream: timeouts, retries, redirects.
 - `client`: manifests and blobs of one upstream, with typed errors (`errors`).
 - `routing`: which configured upstream an image name goes to.
+- `gate`: the budget of requests waiting on upstream, and a circuit breaker per registry.
 """
 
 from .challenge import Challenge, parse_challenges
@@ -30,6 +31,7 @@ from .errors import (
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamUnreachable,
 )
 from .routing import UpstreamRegistry
 from .tokens import Credentials
@@ -59,5 +61,6 @@ __all__ = [
     "UpstreamRegistry",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UpstreamUnreachable",
     "parse_challenges",
 ]

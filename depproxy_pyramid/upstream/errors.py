@@ -16,6 +16,10 @@ class UpstreamUnavailable(UpstreamError):
     """Upstream unreachable, timed out, answered 5xx or something we cannot use."""
 
 
+class UpstreamUnreachable(UpstreamUnavailable):
+    """No connection to upstream: refused, reset, unresolvable, or not accepted in time."""
+
+
 class UpstreamTimeout(UpstreamUnavailable):
     """Upstream accepted the connection but did not answer within the read timeout."""
 

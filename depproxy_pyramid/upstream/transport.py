@@ -34,6 +34,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamUnreachable,
 )
 
 log = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ class Transport:
                 )
             except requests.ConnectionError as exc:  # includes connect timeouts
                 if attempt == _ATTEMPTS:
-                    raise UpstreamUnavailable(f"cannot connect to upstream: {exc}") from exc
+                    raise UpstreamUnreachable(f"cannot connect to upstream: {exc}") from exc
             except requests.Timeout as exc:
                 # A read timeout already cost the full read_timeout; retrying would double it.
                 raise UpstreamTimeout(f"upstream timed out: {exc}") from exc

@@ -170,17 +170,19 @@ def _fill_response(answer: FilledBlob, record: RequestRecord) -> Response:
     fill, span = answer.fill, answer.span
     record.result = Result.MISS
     record.upstream_status = fill.upstream_status
-    response = _blob_response_head(fill.digest, fill.content_type, fill.size, span)
-    chunks = fill.read() if span is None else fill.read(span[0], span[1])
-    length = fill.size if span is None else span[1] - span[0]
-    # The server sends headers with the first chunk: a fill that fails before then (a small
-    # blob, usually) still gets a proper error response instead of the server's bare 500.
-    try:
-        first = next(chunks, None)
-    except FillError as error:
-        raise error.registry_error(fill.upstream_status) from error
+    with fill.closed_on_error():
+        response = _blob_response_head(fill.digest, fill.content_type, fill.size, span)
+        chunks = fill.read() if span is None else fill.read(span[0], span[1])
+        length = fill.size if span is None else span[1] - span[0]
+        # The server sends headers with the first chunk: a fill that fails before then (a small
+        # blob, usually) still gets a proper error response instead of the server's bare 500.
+        try:
+            first = next(chunks, None)
+        except FillError as error:
+            raise error.registry_error(fill.upstream_status) from error
     body = itertools.chain([first] if first else [], chunks)
-    response.app_iter = record.iterated_body(body, close=chunks.close)
+    # Closing the stream gives its upstream slot back, however the body ends.
+    response.app_iter = record.iterated_body(body, close=fill.close)
     # Set after app_iter, whose setter forgets the length.
     response.content_length = length
     return response

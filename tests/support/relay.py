@@ -2,10 +2,10 @@
 
 The proxy under test is pointed at the relay instead of the registry so tests can
 assert exactly what reached upstream ("the second pull made no blob GET") and can
-make upstream misbehave (down, 503, 429, corrupt/truncated/stalled blobs) at any
-moment from the test thread. Bodies are streamed in 64 KiB chunks, so a 200 MB
-blob costs no memory; headers (Host, Authorization, WWW-Authenticate, Range, ...)
-pass through untouched.
+make upstream misbehave (down, 503, 429, corrupt/truncated/stalled blobs, hung
+requests) at any moment from the test thread. Bodies are streamed in 64 KiB chunks,
+so a 200 MB blob costs no memory; headers (Host, Authorization, WWW-Authenticate,
+Range, ...) pass through untouched.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Fault(StrEnum):
     TRUNCATE_BLOBS = "truncate_blobs"  # full Content-Length, half the body, then close
     STALL_BLOBS = "stall_blobs"  # half the body, then hang until released or timeout
     SLOW = "slow"  # delay before forwarding
+    HANG = "hang"  # read the request, never answer; close when released or after stall_seconds
 
 
 BLOB_FAULTS = frozenset({Fault.CORRUPT_BLOBS, Fault.TRUNCATE_BLOBS, Fault.STALL_BLOBS})
@@ -148,14 +149,14 @@ class Relay:
     def set_mode(self, mode: Fault | str, kinds: Collection[str] | None = None) -> None:
         """Switch fault mode, optionally only for some request kinds (e.g. ``{"blob"}``).
 
-        Entering :attr:`Fault.STALL_BLOBS` re-arms the stall; any other mode releases
-        responses that are still stalled.
+        Entering :attr:`Fault.STALL_BLOBS` or :attr:`Fault.HANG` re-arms the stall; any other
+        mode releases responses that are still stalled or hung.
         """
         mode = Fault(mode)
         with self._lock:
             self._mode = mode
             self._fault_kinds = frozenset(kinds) if kinds is not None else None
-            if mode is Fault.STALL_BLOBS:
+            if mode in (Fault.STALL_BLOBS, Fault.HANG):
                 self._release.clear()
             else:
                 self._release.set()
@@ -170,10 +171,11 @@ class Relay:
             self.set_mode(Fault.NORMAL)
 
     def release_stalled(self) -> None:
-        """Close every stalled response now, without the rest of the body.
+        """Close every stalled response now, without the rest of the body, and every hung
+        request without an answer.
 
-        Until :attr:`Fault.STALL_BLOBS` is set again, further stalls close at once
-        (like :attr:`Fault.TRUNCATE_BLOBS`).
+        Until :attr:`Fault.STALL_BLOBS` or :attr:`Fault.HANG` is set again, further stalls
+        close at once (like :attr:`Fault.TRUNCATE_BLOBS`), and so do further hung requests.
         """
         self._release.set()
 
@@ -231,6 +233,12 @@ class Relay:
                 relay._record(RelayedRequest(self.command, self.path, kind, fault))
                 if fault is Fault.DOWN:
                     self._reset()
+                    return
+                if fault is Fault.HANG:
+                    # The connection is accepted and the request read: only the answer is missing,
+                    # as from an upstream whose backend is wedged.
+                    relay._release.wait(relay.stall_seconds)
+                    self.close_connection = True
                     return
                 if fault in _STATUS_FAULTS:
                     self._send_status_fault(*_STATUS_FAULTS[fault])
