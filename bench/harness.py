@@ -30,6 +30,7 @@ import requests
 
 from tests.server import free_port
 from tests.support import oci
+from tests.support.nginx import NginxProcess
 from tests.support.registry import Registry, require_binary, skopeo_pull
 from tests.support.token_server import TokenServer
 
@@ -163,245 +164,21 @@ class DistributionProxy:
 
 # nginx ------------------------------------------------------------------------------------------
 
-# Directives every nginx here shares. The temporary paths keep nginx out of /var/lib/nginx.
-NGINX_MAIN = """\
-{user}worker_processes auto;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 768; }}
-http {{
-    sendfile on;
-    tcp_nopush on;
-    types_hash_max_size 2048;
-    default_type application/octet-stream;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    access_log {prefix}/access.log;
-{temp_paths}
-{http}
-}}
-"""
-TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
-STATIC_SERVER = """\
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port};
-        root {prefix}/html;
-    }}
-"""
+class StaticNginx(NginxProcess):
+    """nginx serving files from ``PREFIX/html``: what a static file costs to send.
 
-
-class _NginxProcess:
-    """``nginx -p PREFIX -c PREFIX/nginx.conf`` in the foreground, as its own process group."""
-
-    def __init__(self, prefix: Path) -> None:
-        self.binary = require_binary("nginx")
-        self.prefix = prefix
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        self.conf = prefix / "nginx.conf"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def write_conf(self, http: str) -> None:
-        """The main file around ``http``, the content of the ``http`` block."""
-        # As root the workers would switch to "nobody", who cannot enter our 0700 temp dir.
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        temp_paths = "\n".join(
-            f"    {name}_temp_path {self.prefix / 'tmp' / name};"
-            for name in TEMP_PATHS
-            if f"{name}_temp_path" not in http
-        )
-        self.conf.write_text(
-            NGINX_MAIN.format(user=user, prefix=self.prefix, temp_paths=temp_paths, http=http)
-        )
-
-    @property
-    def pid(self) -> int:
-        """The master's process id (it must be running)."""
-        assert self.process is not None
-        return self.process.pid
-
-    def _launch(self, url: str, timeout: float) -> None:
-        """Check the configuration, start, and wait until ``url`` answers."""
-        args = [self.binary, "-p", str(self.prefix), "-c", str(self.conf)]
-        check = subprocess.run([*args, "-t"], capture_output=True, text=True, check=False)
-        if check.returncode != 0:
-            raise RuntimeError(f"nginx rejects {self.conf}:\n{check.stderr}")
-        log_path = self.prefix / "stderr.log"
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        wait_http(self.process, url, timeout, log_path)
-
-    def stop(self) -> None:
-        """Stop master and workers (idempotent)."""
-        stop_process(self.process)
-        self.process = None
-
-
-class Nginx(_NginxProcess):
-    """nginx serving files from ``PREFIX/html``: what a static file costs to send."""
-
-    def __init__(self, prefix: Path) -> None:
-        super().__init__(prefix)
-        self.port = free_port()
-        self.html = prefix / "html"
-        self.html.mkdir(exist_ok=True)
-        self.write_conf(STATIC_SERVER.format(prefix=prefix, port=self.port))
-
-    @property
-    def url(self) -> str:
-        """Base URL."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10) -> Nginx:
-        """Start and wait until it answers."""
-        self._launch(f"{self.url}/", timeout)
-        return self
-
-
-SHIPPED_FRONT = "deploy/nginx/depproxy.conf"
-# The production front's stand-in until the repository ships its own: plain HTTP, every request
-# proxied to the app, cached filesystem blobs sent by nginx when the app answers X-Accel-Redirect.
-FALLBACK_FRONT = """\
-upstream depproxy_app {
-    server 127.0.0.1:6543;
-    keepalive 32;
-}
-server {
-    listen 443 ssl;
-    server_name registry.example.com;
-    ssl_certificate /etc/ssl/certs/depproxy.pem;
-    ssl_certificate_key /etc/ssl/private/depproxy.key;
-    client_max_body_size 0;
-    location / {
-        proxy_pass http://depproxy_app;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $http_host;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        proxy_set_header X-Forwarded-Proto $scheme;
-    }
-    location /_depproxy_storage/ {
-        internal;
-        alias /var/lib/depproxy/storage/;
-    }
-}
-server {
-    listen 80;
-    server_name registry.example.com;
-    return 301 https://$host$request_uri;
-}
-"""
-# The internal location that serves the storage directory: its prefix is what X-Accel-Redirect
-# names, hence the app's `depproxy.storage.accel_redirect`.
-_ACCEL_LOCATION = re.compile(
-    r"location\s+(?:\^~\s+)?(/\S*)\s*\{[^}]*?\binternal\s*;[^}]*?/var/lib/depproxy/storage/"
-)
-
-
-class NginxFront(_NginxProcess):
-    """The production front: the shipped ``deploy/nginx/depproxy.conf`` rendered for this machine.
-
-    The shipped file is the content of nginx's ``http`` block, written for
-    ``registry.example.com`` on ports 443 (TLS) and 80 (a redirect), the app on
-    ``127.0.0.1:6543`` and storage under ``/var/lib/depproxy/storage/``. Each of those literals is
-    replaced; a literal missing from the file is an error, since the rendering would otherwise
-    measure something other than what ships. The TLS server also gets a plain-HTTP listener,
-    which the measurements use (distribution is measured over plain HTTP too); its TLS listener
-    answers with a self-signed certificate. Without a shipped file, ``FALLBACK_FRONT`` stands in.
+    The same main file as the production front (``tests.support.nginx``), with one plain-HTTP
+    server whose root is that directory.
     """
 
-    def __init__(self, prefix: Path, root: Path, storage: Path) -> None:
-        super().__init__(prefix)
-        self.port, self.tls_port, self.redirect_port = free_port(), free_port(), free_port()
-        self.storage = storage
-        shipped = root / SHIPPED_FRONT
-        self.source = SHIPPED_FRONT if shipped.exists() else "fallback (bench/harness.py)"
-        self.template = shipped.read_text() if shipped.exists() else FALLBACK_FRONT
-        location = _ACCEL_LOCATION.search(self.template)
-        if location is None:
-            raise RuntimeError(
-                f"{self.source}: no `internal` location serving /var/lib/depproxy/storage/"
-            )
-        self.accel_prefix = location.group(1)
-
-    @property
-    def url(self) -> str:
-        """Base URL of the plain-HTTP listener."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT`` of the plain-HTTP listener, for ``docker://`` references."""
-        return f"127.0.0.1:{self.port}"
-
-    def render(self, app_host: str) -> str:
-        """The template with this machine's ports and paths (see the class docstring)."""
-        certificate, key = self._self_signed_certificate()
-        storage = f"{self.storage}/"
-        replacements = [
-            ("127.0.0.1:6543", app_host),
-            (
-                "listen 443 ssl",
-                f"listen 127.0.0.1:{self.port}; listen 127.0.0.1:{self.tls_port} ssl",
-            ),
-            ("/etc/ssl/certs/depproxy.pem", str(certificate)),
-            ("/etc/ssl/private/depproxy.key", str(key)),
-            ("registry.example.com", "127.0.0.1"),
-            ("/var/lib/depproxy/storage/", storage),
-        ]
-        text = self.template
-        for literal, value in replacements:
-            if literal not in text:
-                raise RuntimeError(f"{self.source} lacks {literal!r}: cannot render it")
-            text = text.replace(literal, value)
-        text, redirects = re.subn(r"listen\s+80\b", f"listen 127.0.0.1:{self.redirect_port}", text)
-        if not redirects:
-            raise RuntimeError(f"{self.source} lacks 'listen 80': cannot render it")
-        # The bench binds loopback only; logs stay in the prefix, not in the machine's.
-        text = re.sub(r"^\s*listen\s+\[::\][^;]*;[ \t]*$\n?", "", text, flags=re.MULTILINE)
-        return text.replace("/var/log/nginx/", f"{self.prefix}/log/")
-
-    def _self_signed_certificate(self) -> tuple[Path, Path]:
-        certificate, key = self.prefix / "depproxy.pem", self.prefix / "depproxy.key"
-        subprocess.run(
-            [require_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes"]
-            + [
-                "-subj",
-                "/CN=127.0.0.1",
-                "-days",
-                "2",
-                "-keyout",
-                str(key),
-                "-out",
-                str(certificate),
-            ],
-            capture_output=True,
-            check=True,
+    def __init__(self, prefix: Path) -> None:
+        self.html = prefix / "html"
+        self.html.mkdir(parents=True)
+        port = free_port()
+        super().__init__(
+            prefix, f"    server {{ listen 127.0.0.1:{port}; root {self.html}; }}", port
         )
-        return certificate, key
-
-    def start(self, app_host: str, timeout: float = 10) -> NginxFront:
-        """Render the front for the app at ``app_host`` and start it."""
-        (self.prefix / "log").mkdir(exist_ok=True)
-        rendered = self.prefix / "depproxy.conf"
-        rendered.write_text(self.render(app_host))
-        self.write_conf(f"    include {rendered};")
-        self._launch(f"{self.url}/v2/", timeout)
-        return self
-
-
-def app_knows_accel_redirect(package: Path) -> bool:
-    """Whether the app reads ``depproxy.storage.accel_redirect`` (older code does not)."""
-    return any(
-        "depproxy.storage.accel_redirect" in source.read_text() for source in package.rglob("*.py")
-    )
 
 
 # Process helpers --------------------------------------------------------------------------------
@@ -489,9 +266,11 @@ def timed_pull(
     dest: Path,
     creds: tuple[str, str] | None = None,
     server_pids: Sequence[int] = (),
+    cert_dir: Path | None = None,
 ) -> Pull:
     """Wall seconds of one ``skopeo copy docker://REF oci:DEST`` into a fresh directory.
 
+    Over TLS, verified against ``cert_dir``'s CA certificates, when that is given.
     Also records the CPU seconds used meanwhile by the ``server_pids`` trees (the registry or
     cache that answers, with its front) and by skopeo. The destination is removed and dirty
     pages flushed (``sync``) afterwards, outside the timed part, so that one pull's writeback
@@ -502,7 +281,7 @@ def timed_pull(
     client_before = _children_cpu_seconds()
     started = time.perf_counter()
     try:
-        skopeo_pull(reference, dest, creds=creds)
+        skopeo_pull(reference, dest, creds=creds, cert_dir=cert_dir)
         seconds = time.perf_counter() - started
         server = servers_cpu_seconds(server_pids) - server_before
         return Pull(seconds, server, _children_cpu_seconds() - client_before)
@@ -512,12 +291,16 @@ def timed_pull(
 
 
 def concurrent_pulls(
-    reference: str, dest: Path, clients: int, creds: tuple[str, str] | None = None
+    reference: str,
+    dest: Path,
+    clients: int,
+    creds: tuple[str, str] | None = None,
+    cert_dir: Path | None = None,
 ) -> float:
     """Wall seconds until ``clients`` simultaneous pulls of ``reference`` have all finished.
 
     Each skopeo writes its own directory under ``dest``; all are removed and synced afterwards,
-    outside the timed part.
+    outside the timed part. ``cert_dir`` as for ``timed_pull``.
     """
     remove_tree(dest)
     dest.mkdir(parents=True)
@@ -525,7 +308,8 @@ def concurrent_pulls(
     try:
         with ThreadPoolExecutor(clients) as pool:
             done = [
-                pool.submit(skopeo_pull, reference, dest / str(n), creds) for n in range(clients)
+                pool.submit(skopeo_pull, reference, dest / str(n), creds, cert_dir=cert_dir)
+                for n in range(clients)
             ]
             for each in done:
                 each.result()

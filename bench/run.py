@@ -7,8 +7,9 @@ Usage (from the repository root, with the project's virtualenv)::
 
 Three servers answer the same token-auth upstream ``docker-registry`` on 127.0.0.1 (see
 docs/benchmarks.md): depproxy under its own ``pserve`` runner (the embedded default), depproxy
-behind nginx rendered from ``deploy/nginx/depproxy.conf`` (production; X-Accel-Redirect when the
-app supports it), and ``docker-registry`` in proxy mode. For each it measures:
+behind nginx running ``deploy/nginx/depproxy.conf`` as shipped (production, measured over TLS;
+cached blobs sent by nginx through X-Accel-Redirect), and ``docker-registry`` in proxy mode.
+For each it measures:
 
 1. ``skopeo copy`` of an image with one uncompressed ``--big-mb`` MiB layer, cold and warm,
    interleaved with direct pulls from the upstream, ``--repeat`` rounds;
@@ -41,7 +42,9 @@ import requests  # noqa: E402
 
 from bench import harness, report  # noqa: E402
 from tests.proxy import PROXY_MARKER, PULLER, Proxy, start_proxy  # noqa: E402
+from tests.server import free_port  # noqa: E402
 from tests.support import oci  # noqa: E402
+from tests.support.nginx import ACCEL_PREFIX, CONFIG, Nginx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_ACCEPT = ", ".join(
@@ -114,30 +117,37 @@ class Ours:
 
     key: str
     proxy: Proxy
-    front: harness.NginxFront | None = None
+    front: Nginx | None = None
 
     @property
     def host(self) -> str:
-        """Where clients connect: nginx's plain-HTTP listener, or the app itself."""
+        """Where clients connect: nginx's HTTPS listener, or the app itself."""
         return self.front.host if self.front else self.proxy.host
 
     @property
     def url(self) -> str:
-        """Base URL clients use."""
-        return f"http://{self.host}"
+        """Base URL clients use: HTTPS through nginx, plain HTTP to the app."""
+        return self.front.url if self.front else self.proxy.url
+
+    @property
+    def cert_dir(self) -> Path | None:
+        """CA certificates skopeo verifies nginx's certificate against (none: plain HTTP)."""
+        return self.front.cert_dir if self.front else None
+
+    @property
+    def verify(self) -> str | bool:
+        """``requests``' ``verify`` for ``url``: the CA that signed nginx's certificate."""
+        return str(self.front.ca) if self.front else True
 
     @property
     def pids(self) -> list[int]:
         """The serving processes (trees): the app, and nginx's master when in front."""
-        return [self.proxy.server.process.pid] + ([self.front.pid] if self.front else [])
+        front = [self.front.process.pid] if self.front else []
+        return [self.proxy.server.process.pid, *front]
 
-    def ref(self, group: str, image: str, tls: bool = False) -> str:
-        """``docker://`` reference of ``image`` through this stack, in ``group``'s cache.
-
-        ``tls``: through nginx's TLS listener (self-signed; skopeo does not verify it).
-        """
-        host = f"127.0.0.1:{self.front.tls_port}" if tls and self.front else self.host
-        return f"{host}/{group}/{PROXY_MARKER}/{image}"
+    def ref(self, group: str, image: str) -> str:
+        """``docker://`` reference of ``image`` through this stack, in ``group``'s cache."""
+        return f"{self.host}/{group}/{PROXY_MARKER}/{image}"
 
     def base(self, group: str, repo: str) -> str:
         """``/v2/<name>`` URL of ``repo`` in ``group``'s cache."""
@@ -158,7 +168,6 @@ class Bench:
         self.big: oci.Image | None = None  # the pulled image, once pushed
         self.dist: harness.DistributionProxy | None = None  # warm after the pull rounds
         self.warm_groups: dict[str, str] = {}  # stack key -> group whose cache holds the image
-        self.offload = False  # whether the production app was given ACCEL_SETTING
         self._groups = 0
 
     # Setup ----------------------------------------------------------------------------------
@@ -191,22 +200,26 @@ class Bench:
         return Ours("pserve", self.start_proxy("proxy"))
 
     def start_production(self) -> Ours:
-        """depproxy behind the production nginx front, blobs offloaded when the app can."""
-        workdir = self.workdir / "proxy-front"
-        front = harness.NginxFront(self.workdir / "front", ROOT, workdir / "storage")
-        settings = {"depproxy.external_url": front.url, "depproxy.trusted_proxies": "127.0.0.1"}
-        self.offload = harness.app_knows_accel_redirect(ROOT / "depproxy_pyramid")
-        if self.offload:
-            settings[ACCEL_SETTING] = front.accel_prefix
-        proxy = self.start_proxy(workdir.name, **settings)
+        """depproxy behind nginx with the shipped file, as README.md's production section says.
+
+        The front is the one ``tests/test_nginx_front.py`` runs: TLS on its HTTPS listener
+        (plain HTTP only redirects), with a certificate from a CA made for the run.
+        """
+        https_port = free_port()
+        proxy = self.start_proxy(
+            "proxy-front",
+            **{
+                "depproxy.external_url": f"https://127.0.0.1:{https_port}",
+                "depproxy.trusted_proxies": "127.0.0.1",
+                ACCEL_SETTING: ACCEL_PREFIX,
+            },
+        )
+        front = Nginx(self.workdir / "front", proxy.server.port, proxy.storage, https_port)
         self.stack.callback(front.stop)
-        with step(f"starting nginx front from {front.source}"):
-            front.start(proxy.host)
-        self.results.facts["front"] = front.source
-        self.results.facts["accel"] = (
-            f"{ACCEL_SETTING} = {front.accel_prefix}"
-            if self.offload
-            else f"off: the app has no {ACCEL_SETTING}, blobs pass through nginx"
+        with step(f"starting nginx with {CONFIG.relative_to(ROOT)}"):
+            front.start()
+        self.results.facts["front"] = (
+            f"{CONFIG.relative_to(ROOT)} as shipped, over TLS; {ACCEL_SETTING} = {ACCEL_PREFIX}"
         )
         return Ours("nginx", proxy, front)
 
@@ -222,9 +235,10 @@ class Bench:
         return dist.start()
 
     def check_offload(self, ours: Ours) -> None:
-        """With the setting passed, the app must answer a cached blob with X-Accel-Redirect."""
-        if not self.offload:
-            return
+        """The app behind nginx must answer a cached blob with X-Accel-Redirect.
+
+        Otherwise the production figures would measure blobs passing through Python.
+        """
         assert self.big is not None
         group = self.warm_groups[ours.key]
         proxy = ours.proxy
@@ -233,7 +247,10 @@ class Bench:
         with requests.get(url, headers=auth, stream=True, timeout=30) as answer:
             header = answer.headers.get("X-Accel-Redirect")
         if not header:
-            raise RuntimeError(f"{ACCEL_SETTING} is set but the app sent no X-Accel-Redirect")
+            raise RuntimeError(
+                f"{ACCEL_SETTING} is set but the app answered a cached blob without "
+                "X-Accel-Redirect: the production figures would not measure production"
+            )
         log(f"  the app offloads cached blobs: X-Accel-Redirect: {header}")
 
     # 1: pulls -------------------------------------------------------------------------------
@@ -256,13 +273,16 @@ class Bench:
                 )
                 for ours in stacks:
                     group = self.warm_groups[ours.key] = self.new_group(ours.proxy, ours.key)
-                    # Behind nginx, a third pull shows what TLS costs; the others are plain HTTP.
-                    states = ["cold", "warm"] + (["warm over TLS"] if ours.front else [])
-                    for state in states:
-                        ref = ours.ref(group, image, tls=state == "warm over TLS")
+                    for state in ("cold", "warm"):
                         timings.setdefault(f"{ours.key}_{state}", harness.Timings(ours.key))
                         timings[f"{ours.key}_{state}"].pulls.append(
-                            harness.timed_pull(ref, dest, creds=PULLER, server_pids=ours.pids)
+                            harness.timed_pull(
+                                ours.ref(group, image),
+                                dest,
+                                creds=PULLER,
+                                server_pids=ours.pids,
+                                cert_dir=ours.cert_dir,
+                            )
                         )
                 if self.dist is not None:
                     self.dist.stop()
@@ -295,7 +315,7 @@ class Bench:
         time.sleep(1)
         for ours in stacks:
             app = harness.settled_rss_kib(ours.proxy.server.process.pid)
-            front = harness.settled_rss_kib(ours.front.pid) if ours.front else 0
+            front = harness.settled_rss_kib(ours.front.process.pid) if ours.front else 0
             self.results.rss[ours.key] = report.Resting(app, front)
         self.results.rss["distribution"] = report.Resting(harness.settled_rss_kib(self.dist.pid))
         log(
@@ -313,12 +333,18 @@ class Bench:
         server_log: Path | None = None,
         warmup: int = 20,
         timeout: int = 2,
+        verify: str | bool = True,
     ) -> harness.WrkResult:
-        """One wrk run after ``warmup`` sequential GETs; counts pool timeouts in the log."""
+        """One wrk run after ``warmup`` sequential GETs; counts pool timeouts in the log.
+
+        ``verify``: the CA for an HTTPS ``url`` (wrk itself does not verify certificates).
+        """
         connections = self.args.wrk_connections
         with requests.Session() as session:
             for _ in range(warmup):
-                with session.get(url, headers=headers, timeout=60, stream=True) as answer:
+                with session.get(
+                    url, headers=headers, timeout=60, stream=True, verify=verify
+                ) as answer:
                     if answer.status_code != 200:
                         raise RuntimeError(f"{label}: GET {url} answered {answer.status_code}")
                     for _chunk in answer.iter_content(harness.MIB):
@@ -337,7 +363,7 @@ class Bench:
                 timeout=timeout,
             )
         if server_log is not None:
-            result = self._check_recovery(result, url, headers, server_log, log_offset)
+            result = self._check_recovery(result, url, headers, server_log, log_offset, verify)
         log(
             f"  {result.rps:.0f} req/s, {result.gb_per_s:.2f} GB/s, {result.errors} errors"
             + (f"; {result.note}" if result.note else "")
@@ -351,6 +377,7 @@ class Bench:
         headers: dict[str, str],
         server_log: Path,
         log_offset: int,
+        verify: str | bool,
     ) -> harness.WrkResult:
         """Time one GET right after wrk, and count DB pool timeouts the run caused.
 
@@ -358,7 +385,7 @@ class Bench:
         answers only once those give up, after SQLAlchemy's 30 s pool timeout.
         """
         started = time.monotonic()
-        with requests.get(url, headers=headers, timeout=120, stream=True) as answer:
+        with requests.get(url, headers=headers, timeout=120, stream=True, verify=verify) as answer:
             for _chunk in answer.iter_content(harness.MIB):
                 pass
         waited = time.monotonic() - started
@@ -389,6 +416,7 @@ class Bench:
                 f"{base}/manifests/{manifest}",
                 {**auth, "Accept": MANIFEST_ACCEPT},
                 app_log,
+                verify=ours.verify,
             )
             self.results.blob[ours.key] = self.wrk(
                 f"{report.STACKS[ours.key]}: cached blob",
@@ -397,6 +425,7 @@ class Bench:
                 app_log,
                 warmup=2,
                 timeout=blob_timeout,
+                verify=ours.verify,
             )
         dist_base = f"{self.dist.url}/v2/{BIG_REPO}"
         self.results.manifest["distribution"] = self.wrk(
@@ -413,7 +442,7 @@ class Bench:
         )
         embedded = stacks[0].proxy
         group = self.warm_groups[stacks[0].key]
-        nginx = harness.Nginx(self.workdir / "nginx")
+        nginx = harness.StaticNginx(self.workdir / "nginx")
         # The very file depproxy serves, linked rather than copied.
         os.link(
             embedded.storage / str(embedded.group_id(group)) / "blobs" / "sha256" / layer[7:],
@@ -443,7 +472,9 @@ class Bench:
             with step(f"{clients} simultaneous warm pulls, round {run}/{self.args.repeat}"):
                 for ours in stacks:
                     ref = ours.ref(self.warm_groups[ours.key], image)
-                    seconds = harness.concurrent_pulls(ref, dest, clients, creds=PULLER)
+                    seconds = harness.concurrent_pulls(
+                        ref, dest, clients, creds=PULLER, cert_dir=ours.cert_dir
+                    )
                     self.results.concurrent.setdefault(ours.key, []).append(seconds)
                 seconds = harness.concurrent_pulls(f"{self.dist.host}/{image}", dest, clients)
                 self.results.concurrent.setdefault("distribution", []).append(seconds)
@@ -493,7 +524,7 @@ class Bench:
 
 def run(args: argparse.Namespace, command: str) -> report.Results:
     """Every benchmark, with every process stopped and the work directory removed at the end."""
-    for tool in ("docker-registry", "skopeo", "nginx", "wrk", "openssl"):
+    for tool in ("docker-registry", "skopeo", "nginx", "wrk"):
         harness.require_binary(tool)
     with contextlib.ExitStack() as stack:
         bench = Bench(args, stack)

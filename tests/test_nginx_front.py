@@ -25,8 +25,8 @@ from depproxy_pyramid.models import Group, Visibility
 from depproxy_pyramid.services.proxy import storage_key
 from tests.proxy import PROXY_MARKER, PULLER, start_proxy
 from tests.server import free_port
+from tests.support import registry
 from tests.support.nginx import ACCEL_PREFIX, CONFIG, Nginx, render
-from tests.support.registry import skopeo
 from tests.test_podman import Podman
 
 IMAGE = "library/alpine:latest"
@@ -124,11 +124,7 @@ def app_lines(proxy, digest: str) -> list[str]:
 
 def skopeo_pull(nginx: Nginx, reference: str, dest: Path) -> None:
     """A complete pull over TLS, verifying nginx's certificate against the test CA."""
-    skopeo(
-        "copy", "--quiet", f"--src-cert-dir={nginx.cert_dir}",
-        "--dest-oci-accept-uncompressed-layers", f"--src-creds={PULLER[0]}:{PULLER[1]}",
-        f"docker://{reference}", f"oci:{dest}:pulled",
-    )  # fmt: skip
+    registry.skopeo_pull(reference, dest, creds=PULLER, cert_dir=nginx.cert_dir)
 
 
 def layout_blobs(layout: Path) -> set[str]:

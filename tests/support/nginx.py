@@ -5,8 +5,9 @@ address, the storage root, certificate and key, listen ports, server name, acces
 nothing else; a value missing from the file fails the render, so the tests never exercise a
 configuration that silently drifted from the shipped one. nginx runs in the foreground as
 `nginx -p PREFIX -c nginx.conf`, where nginx.conf is what Debian's would be around the file:
-an `events` block and an `http` block that includes it. The certificate is signed by a CA
-made here, which clients are given to verify against.
+its worker and sendfile defaults, an `events` block and an `http` block that includes it. The
+certificate is signed by a CA made here, which clients are given to verify against. The
+benchmark (bench/) runs this same front, and its static-file nginx on `NginxProcess`.
 """
 
 from __future__ import annotations
@@ -106,17 +107,68 @@ def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-class Nginx(ServerProcess):
+def nginx_binary() -> str:
+    """Debian's nginx, or a clear error naming the package to install."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError("nginx not found: bin/test installs it (Debian package nginx-light)")
+    return binary
+
+
+class NginxProcess(ServerProcess):
+    """nginx in the foreground from `prefix`, with `http` as the content of its `http` block.
+
+    The main file around it keeps Debian's nginx.conf defaults that bear on serving (worker
+    processes and connections, sendfile) and moves its temporary paths into the prefix.
+    """
+
+    def __init__(self, prefix: Path, http: str, port: int) -> None:
+        binary = nginx_binary()
+        prefix.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        temp = prefix / "temp"
+        temp.mkdir()
+        # Run as root, nginx's workers would switch to `nobody`, which cannot enter pytest's
+        # private (0700) temporary directories where the storage lives.
+        user = "user root root;\n" if os.geteuid() == 0 else ""
+        (prefix / "nginx.conf").write_text(
+            f"{user}pid {prefix / 'nginx.pid'};\n"
+            "error_log stderr info;\n"
+            "worker_processes auto;\n"
+            "events { worker_connections 768; }\n"
+            "http {\n"
+            "    sendfile on;\n"
+            "    tcp_nopush on;\n"
+            # Debian's nginx.conf sets these paths under /var/lib/nginx; the test keeps its own.
+            f"    client_body_temp_path {temp / 'body'};\n"
+            f"    proxy_temp_path {temp / 'proxy'};\n"
+            f"    fastcgi_temp_path {temp / 'fastcgi'};\n"
+            f"    uwsgi_temp_path {temp / 'uwsgi'};\n"
+            f"    scgi_temp_path {temp / 'scgi'};\n"
+            f"{http}\n"
+            "}\n"
+        )
+        super().__init__(
+            None,
+            port,
+            prefix / "nginx.log",
+            command=[
+                binary,
+                "-p", str(prefix),
+                "-e", "stderr",
+                "-c", str(prefix / "nginx.conf"),
+                "-g", "daemon off;",
+            ],
+        )  # fmt: skip
+
+
+class Nginx(NginxProcess):
     """nginx with the shipped file, in front of the app at `app_port`, serving `storage`."""
 
     def __init__(
         self, prefix: Path, app_port: int, storage: Path, https_port: int | None = None
     ) -> None:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not os.access(binary, os.X_OK):
-            raise RuntimeError("nginx not found: bin/test installs it (Debian package nginx-light)")
         prefix.mkdir(parents=True, exist_ok=True)
-        self.prefix = prefix
         self.ca, cert, key = write_certificates(prefix / "tls")
         # Clients of the containers/image family read CA certificates from `*.crt` in a
         # directory (--cert-dir, --src-cert-dir).
@@ -139,37 +191,7 @@ class Nginx(ServerProcess):
             },
         )
         (prefix / "depproxy.conf").write_text(rendered)
-        temp = prefix / "temp"
-        temp.mkdir()
-        # Run as root, nginx's workers would switch to `nobody`, which cannot enter pytest's
-        # private (0700) temporary directories where the storage lives.
-        user = "user root root;\n" if os.geteuid() == 0 else ""
-        (prefix / "nginx.conf").write_text(
-            f"{user}pid {prefix / 'nginx.pid'};\n"
-            "error_log stderr info;\n"
-            "events {}\n"
-            "http {\n"
-            # Debian's nginx.conf sets these paths under /var/lib/nginx; the test keeps its own.
-            f"    client_body_temp_path {temp / 'body'};\n"
-            f"    proxy_temp_path {temp / 'proxy'};\n"
-            f"    fastcgi_temp_path {temp / 'fastcgi'};\n"
-            f"    uwsgi_temp_path {temp / 'uwsgi'};\n"
-            f"    scgi_temp_path {temp / 'scgi'};\n"
-            f"    include {prefix / 'depproxy.conf'};\n"
-            "}\n"
-        )
-        super().__init__(
-            None,
-            self.https_port,
-            prefix / "nginx.log",
-            command=[
-                binary,
-                "-p", str(prefix),
-                "-e", "stderr",
-                "-c", str(prefix / "nginx.conf"),
-                "-g", "daemon off;",
-            ],
-        )  # fmt: skip
+        super().__init__(prefix, f"    include {prefix / 'depproxy.conf'};", self.https_port)
         self.url = f"https://127.0.0.1:{self.https_port}"
         self.host = f"127.0.0.1:{self.https_port}"
 

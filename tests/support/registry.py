@@ -94,14 +94,17 @@ def skopeo_pull(
     creds: tuple[str, str] | None = None,
     all: bool = False,  # named after skopeo's --all
     check: bool = True,
+    cert_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Pull ``host:port/repo:ref`` over plain HTTP into an OCI layout at ``dest``.
+    """Pull ``host:port/repo:ref`` into an OCI layout at ``dest``: over plain HTTP, or over
+    TLS verified against the CA certificates (``*.crt``) in ``cert_dir``.
 
     This is a complete client pull (manifest, config and every layer, digests verified),
     so it is how tests exercise a registry or the proxy end to end.
     """
+    tls = f"--src-cert-dir={cert_dir}" if cert_dir else "--src-tls-verify=false"
     # Keep big uncompressed layers uncompressed: gzip'ing them would only cost time.
-    args = ["copy", "--quiet", "--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers"]
+    args = ["copy", "--quiet", tls, "--dest-oci-accept-uncompressed-layers"]
     if creds is not None:
         args.append(f"--src-creds={creds[0]}:{creds[1]}")
     else:
