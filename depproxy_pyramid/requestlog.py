@@ -85,11 +85,12 @@ class RequestRecord:
     ) -> Iterable[bytes]:
         """A response body that sends `length` bytes of `file` from where it is positioned.
 
-        Through the server's `wsgi.file_wrapper` when it has one: the server then sends the
-        file itself, and a client that never reads holds no thread.
+        A local file goes through the server's `wsgi.file_wrapper` when it has one: the server
+        then sends the file itself, and a client that never reads holds no thread.
         """
         self.body_attached = True
-        if file_wrapper is not None:
+        # A stream (an S3 object's body) cannot be sent by position: it is iterated.
+        if file_wrapper is not None and getattr(file, "seekable", lambda: False)():
             return file_wrapper(CountingFile(file, self.finish), block_size)
         return CountedBody(_read(file, length, block_size), self.finish, close=file.close)
 
