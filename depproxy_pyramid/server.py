@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from contextlib import suppress
 
@@ -109,8 +110,15 @@ class PlainHTTPChannel(HTTPChannel):
             self.handle_close()
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(app, global_conf: dict, **settings: str) -> None:
     """The `[server:main]` runner: `use = egg:depproxy-pyramid#main` takes waitress's options."""
+    # SIGTERM (docker stop, systemd) shuts down as Ctrl-C does, so the application's exit work
+    # runs: the batched read_at updates are written, not lost with the process.
+    signal.signal(signal.SIGTERM, _stop)
     server = create_server(app, **settings)
     servers = server.map.values() if isinstance(server, MultiSocketServer) else [server]
     for each in servers:

@@ -147,8 +147,7 @@ def _service(request: Request) -> ProxyService:
 )
 def registry_view(context: RegistryTarget, request: Request) -> Response:
     service = _service(request)
-    group = context.group.group
-    upstream = service.group_upstream(group.id, group.proxy_settings)
+    upstream = GroupUpstream(context.group.group.id)
     access = AccessLog(request, context)
     release_request_connection(request)
     kind = "manifest" if context.kind == "manifests" else "blob"
