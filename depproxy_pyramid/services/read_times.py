@@ -54,13 +54,12 @@ class ReadTimes:
 
     def touch(self, model: Model, row_id: int) -> None:
         """Note that the row was read now; written within `flush_seconds` if traffic goes on."""
-        if self._written.get((model, row_id)) is not MISSING:
-            return
-        self._written.put((model, row_id), True)
-        with self._lock:
-            self._pending.setdefault(model, set()).add(row_id)
-            due = self._clock() >= self._next_flush
-        if due:
+        if self._written.get((model, row_id)) is MISSING:
+            self._written.put((model, row_id), True)
+            with self._lock:
+                self._pending.setdefault(model, set()).add(row_id)
+        # Any hit may write what others noted: read without the lock, checked again in flush.
+        if self._pending and self._clock() >= self._next_flush:
             self.flush()
 
     def flush(self) -> None:
