@@ -51,8 +51,11 @@ class GroupInfo:
 
 
 class IGroupDirectory(Interface):
-    def chain(request, path):
-        """The group at `path` and its ancestors, top-level first; None when one is missing."""
+    def chain(request, path, fresh=False):
+        """The group at `path` and its ancestors, top-level first; None when one is missing.
+
+        `fresh` looks them up again, and shares what it found from then on.
+        """
 
 
 @implementer(IGroupDirectory)
@@ -64,8 +67,10 @@ class GroupDirectory:
             self.MAX_ENTRIES, ttl=seconds
         )
 
-    def chain(self, request: Request, path: str) -> tuple[GroupInfo, ...] | None:
-        found = self._cache.get(path)
+    def chain(
+        self, request: Request, path: str, fresh: bool = False
+    ) -> tuple[GroupInfo, ...] | None:
+        found = MISSING if fresh else self._cache.get(path)
         if found is MISSING:
             found = self._load(request.depproxy_dbsession, path)
             # Unknown paths too: a client asking for one again and again costs no query.
@@ -157,12 +162,15 @@ class Root:
     def __init__(self, request: Request) -> None:
         self.request = request
 
-    def find(self, path: str) -> GroupResource:
-        """The group at `path`; KeyError (a 404) when the path is malformed or unknown."""
+    def find(self, path: str, *, fresh: bool = False) -> GroupResource:
+        """The group at `path`; KeyError (a 404) when the path is malformed or unknown.
+
+        `fresh` skips what other requests looked up within `depproxy.lookup_cache_seconds`.
+        """
         if group_path_problem(path):
             raise KeyError(path)
         directory = self.request.registry.getUtility(IGroupDirectory)
-        chain = directory.chain(self.request, path)
+        chain = directory.chain(self.request, path, fresh)
         if chain is None:
             raise KeyError(path)
         parent: object = self
