@@ -2,7 +2,8 @@
 
 Cleanup expires cached images after days unread, so read_at needs no more than hour precision.
 A hit only notes its row; the notes are written with one UPDATE per table, at most every
-`FLUSH_SECONDS`, by whichever request comes after that, and at process exit.
+`FLUSH_SECONDS`, on a thread that the first hit after that starts (so no hit waits for the
+database's write lock), and at process exit.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 READ_AT_GRANULARITY = timedelta(hours=1)
 FLUSH_SECONDS = 10.0
 # Rows this process wrote within the hour; one forgotten early is only written once more.
-ROWS_REMEMBERED = 100_000
+ROWS_REMEMBERED = 20_000
 # Ids per UPDATE: SQLite allows a few thousand bound parameters per statement at the least.
 BATCH = 500
 
@@ -49,6 +50,7 @@ class ReadTimes:
         )
         self._pending: dict[Model, set[int]] = {}
         self._next_flush = clock() + flush_seconds
+        self._flusher: threading.Thread | None = None
         self._lock = threading.Lock()
         _flush_at_exit(self)
 
@@ -58,9 +60,24 @@ class ReadTimes:
             self._written.put((model, row_id), True)
             with self._lock:
                 self._pending.setdefault(model, set()).add(row_id)
-        # Any hit may write what others noted: read without the lock, checked again in flush.
+        # Any hit may start writing what others noted: read without the lock, then checked
+        # under it.
         if self._pending and self._clock() >= self._next_flush:
-            self.flush()
+            with self._lock:
+                if self._flusher is not None and self._flusher.is_alive():
+                    return
+                self._next_flush = self._clock() + self.flush_seconds
+                self._flusher = threading.Thread(
+                    target=self.flush, name="depproxy-read-at", daemon=True
+                )
+                self._flusher.start()
+
+    def close(self) -> None:
+        """Write everything noted, waiting for a write under way first."""
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.join(timeout=30)
+        self.flush()
 
     def flush(self) -> None:
         """Write what is pending, in a transaction of its own; no lock is held meanwhile."""
@@ -96,9 +113,9 @@ def _flush_at_exit(read_times: ReadTimes) -> None:
     # A weak reference: an application that is gone (tests make many) is not kept alive.
     ref = weakref.ref(read_times)
 
-    def flush() -> None:
+    def close() -> None:
         alive = ref()
         if alive is not None:
-            alive.flush()
+            alive.close()
 
-    atexit.register(flush)
+    atexit.register(close)
