@@ -195,7 +195,7 @@ def issue_jwt(
         "access": access,
     }
     if identity.account is not None and identity.account.personal_access_token_id is not None:
-        # Checked on every request: revoking the token (or its expiry) ends this one too.
+        # Checked again with the subject: revoking the token (or its expiry) ends this one too.
         claims["pat"] = identity.account.personal_access_token_id
     token = jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
     return token, settings.jwt_expire_seconds, datetime.fromtimestamp(issued, UTC)
