@@ -30,6 +30,7 @@ def includeme(config: Configurator) -> None:
         )
     config.include(".accounts")
     config.include(".models")
+    config.include(".resources")
     config.include(".security")
     config.include(".services")
     config.include(".views")

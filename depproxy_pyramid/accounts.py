@@ -33,8 +33,9 @@ class Account:
     """A person (or robot) as the registry sees one.
 
     `id` is stable and unique within the source: registry tokens carry it, and it is looked up
-    again on every request. `scopes` limit what the credential that signed in may do
-    (`read_registry` to pull, `api` to administer); a password allows everything.
+    again (with its memberships) once `depproxy.lookup_cache_seconds` have passed. `scopes`
+    limit what the credential that signed in may do (`read_registry` to pull, `api` to
+    administer); a password allows everything.
     `personal_access_token_id` names the add-on's own personal access token that signed in,
     if one did: registry tokens minted from it stop working when it is revoked or expires.
     """
@@ -56,7 +57,11 @@ class IAccountSource(Interface):
         """
 
     def account(request, account_id):
-        """The `Account` with this id while it may still sign in, or None (disabled, deleted)."""
+        """The `Account` with this id while it may still sign in, or None (disabled, deleted).
+
+        Each process reuses the answer, and that of `memberships`, for
+        `depproxy.lookup_cache_seconds`: a change is refused within that time.
+        """
 
     def memberships(request, account):
         """`{group path: Role}` for each add-on group the account is a member of.

@@ -6,12 +6,11 @@ import base64
 import hashlib
 import hmac
 import secrets
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from .caching import MISSING, BoundedCache
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 PERSONAL_TOKEN_PREFIX = "dpat-"
@@ -64,25 +63,15 @@ class RecentlyVerified:
 
     def __init__(self, ttl_seconds: float = 300, max_entries: int = 10_000) -> None:
         self._key = secrets.token_bytes(32)
-        self._ttl = ttl_seconds
-        self._max = max_entries
-        self._entries: OrderedDict[bytes, float] = OrderedDict()
-        self._lock = threading.Lock()
+        self._verified: BoundedCache[bytes, bool] = BoundedCache(max_entries, ttl=ttl_seconds)
 
     def verify(self, password: str, encoded: str) -> bool:
         key = hmac.new(self._key, f"{encoded}\0{password}".encode(), hashlib.sha256).digest()
-        now = time.monotonic()
-        with self._lock:
-            expires = self._entries.get(key)
-            if expires is not None and expires > now:
-                return True
+        if self._verified.get(key) is not MISSING:
+            return True
         if not verify_password(password, encoded):
             return False
-        with self._lock:
-            self._entries[key] = now + self._ttl
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+        self._verified.put(key, True)
         return True
 
 

@@ -1,12 +1,22 @@
-"""Traversal: the root resolves nested group paths; a group's ACL comes from its members."""
+"""Traversal: the root resolves nested group paths; a group's ACL comes from its members.
+
+Every registry request resolves its group and the group's ancestors. They change rarely, so
+`GroupDirectory` shares what it found between requests for `depproxy.lookup_cache_seconds`:
+a group disabled, made private or removed elsewhere is refused within that time.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pyramid.authorization import ALL_PERMISSIONS, DENY_ALL, Allow, Deny, Everyone
+from pyramid.config import Configurator
 from pyramid.request import Request
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
+from zope.interface import Interface, implementer
 
+from .caching import MISSING, BoundedCache
 from .models import Group, Role, Visibility
 from .names import Repository, group_path_problem
 from .permissions import (
@@ -18,10 +28,72 @@ from .permissions import (
 )
 
 
+@dataclass(frozen=True)
+class GroupInfo:
+    """What authorization needs of a group, detached from any session so requests share it."""
+
+    id: int
+    path: str
+    name: str
+    visibility: Visibility
+    proxy_enabled: bool
+
+    @classmethod
+    def of(cls, group: Group) -> GroupInfo:
+        settings = group.proxy_settings
+        return cls(
+            id=group.id,
+            path=group.path,
+            name=group.name,
+            visibility=Visibility(group.visibility),
+            proxy_enabled=settings is None or settings.enabled,
+        )
+
+
+class IGroupDirectory(Interface):
+    def chain(request, path, fresh=False):
+        """The group at `path` and its ancestors, top-level first; None when one is missing.
+
+        `fresh` looks them up again, and shares what it found from then on.
+        """
+
+
+@implementer(IGroupDirectory)
+class GroupDirectory:
+    MAX_ENTRIES = 4096
+
+    def __init__(self, seconds: float) -> None:
+        self._cache: BoundedCache[str, tuple[GroupInfo, ...] | None] = BoundedCache(
+            self.MAX_ENTRIES, ttl=seconds
+        )
+
+    def chain(
+        self, request: Request, path: str, fresh: bool = False
+    ) -> tuple[GroupInfo, ...] | None:
+        found = MISSING if fresh else self._cache.get(path)
+        if found is MISSING:
+            found = self._load(request.depproxy_dbsession, path)
+            # Unknown paths too: a client asking for one again and again costs no query.
+            self._cache.put(path, found)
+        return found  # type: ignore[return-value]
+
+    @staticmethod
+    def _load(dbsession: Session, path: str) -> tuple[GroupInfo, ...] | None:
+        segments = path.split("/")
+        wanted = ["/".join(segments[: i + 1]) for i in range(len(segments))]
+        rows = dbsession.scalars(
+            select(Group).where(Group.path.in_(wanted)).options(selectinload(Group.proxy_settings))
+        ).all()
+        by_path = {group.path: GroupInfo.of(group) for group in rows}
+        if len(by_path) != len(wanted):
+            return None
+        return tuple(by_path[p] for p in wanted)
+
+
 class GroupResource:
     """A group as the security policy sees it: its ACL, and whether its proxy is on."""
 
-    def __init__(self, group: Group, ancestors: list[Group], parent: object) -> None:
+    def __init__(self, group: GroupInfo, ancestors: list[GroupInfo], parent: object) -> None:
         self.group = group
         # Nearest first, ending at the top-level group; the group itself is included.
         self.ancestors = ancestors
@@ -34,8 +106,7 @@ class GroupResource:
 
     @property
     def proxy_enabled(self) -> bool:
-        settings = self.group.proxy_settings
-        return settings is None or settings.enabled
+        return self.group.proxy_enabled
 
     @property
     def __acl__(self) -> list:
@@ -91,26 +162,21 @@ class Root:
     def __init__(self, request: Request) -> None:
         self.request = request
 
-    @property
-    def dbsession(self) -> Session:
-        return self.request.depproxy_dbsession
+    def find(self, path: str, *, fresh: bool = False) -> GroupResource:
+        """The group at `path`; KeyError (a 404) when the path is malformed or unknown.
 
-    def find(self, path: str) -> GroupResource:
-        """The group at `path`; KeyError (a 404) when the path is malformed or unknown."""
+        `fresh` skips what other requests looked up within `depproxy.lookup_cache_seconds`.
+        """
         if group_path_problem(path):
             raise KeyError(path)
-        segments = path.split("/")
-        wanted = ["/".join(segments[: i + 1]) for i in range(len(segments))]
-        rows = self.dbsession.scalars(select(Group).where(Group.path.in_(wanted))).all()
-        by_path = {group.path: group for group in rows}
-        if len(by_path) != len(wanted):
+        directory = self.request.registry.getUtility(IGroupDirectory)
+        chain = directory.chain(self.request, path, fresh)
+        if chain is None:
             raise KeyError(path)
         parent: object = self
         resource = None
-        for group_path in wanted:
-            group = by_path[group_path]
-            ancestors = [by_path[p] for p in reversed(wanted[: wanted.index(group_path) + 1])]
-            resource = GroupResource(group, ancestors, parent)
+        for depth, group in enumerate(chain):
+            resource = GroupResource(group, list(reversed(chain[: depth + 1])), parent)
             parent = resource
         assert resource is not None
         return resource
@@ -121,3 +187,10 @@ class Root:
 
 def root_factory(request: Request) -> Root:
     return Root(request)
+
+
+def includeme(config: Configurator) -> None:
+    settings = config.registry["depproxy.settings"]
+    config.registry.registerUtility(
+        GroupDirectory(settings.lookup_cache_seconds), IGroupDirectory
+    )

@@ -3,6 +3,11 @@
 A Pyramid application has one security policy. The add-on's `SecurityPolicy` judges the add-on's
 URLs only; `HostAndAddonPolicy` puts it beside whatever policy the host portal has (or none), so
 the host's URLs keep theirs and the add-on's never depend on the host having one.
+
+Every pull is a run of requests with one bearer token. `BearerTokens` keeps a verified token's
+claims until the token expires, and who its subject is (account, memberships, the credential it
+was minted from) for `depproxy.lookup_cache_seconds`: a disabled account, a removed membership
+or a revoked token is refused within that time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sqlalchemy import select
 
 from .accounts import Account, IAccountSource, valid_account, valid_memberships
 from .addresses import client_address, in_networks, networks
+from .caching import MISSING, BoundedCache
 from .credentials import token_digest
 from .errors import RegistryError
 from .models import DeployToken, PersonalAccessToken, Role, Scope
@@ -62,11 +68,17 @@ def is_addon_path(request: Request) -> bool:
 
 
 @dataclass(frozen=True)
+class DeployTokenRef:
+    id: int
+    username: str
+
+
+@dataclass(frozen=True)
 class Identity:
     """An authenticated account or deploy token, and what its credential may be used for."""
 
     account: Account | None
-    deploy_token: DeployToken | None
+    deploy_token: DeployTokenRef | None
     scopes: frozenset[str]
     principals: tuple[str, ...]
     # The repositories a bearer token grants; None when the caller did not present one.
@@ -93,6 +105,10 @@ class Identity:
 
 def _is_live(expires_at: datetime | None, revoked: bool) -> bool:
     return not revoked and (expires_at is None or expires_at > datetime.now(UTC))
+
+
+def _seconds_until(expires_at: datetime | None) -> float | None:
+    return None if expires_at is None else (expires_at - datetime.now(UTC)).total_seconds()
 
 
 def _account_sources(request: Request) -> IAccountSource:
@@ -123,7 +139,11 @@ def deploy_token_identity(token: DeployToken) -> Identity:
         else (f"depproxy:deploy_token:{token.id}",)
     )
     return Identity(
-        account=None, deploy_token=token, scopes=scopes, principals=principals, via="deploy_token"
+        account=None,
+        deploy_token=DeployTokenRef(token.id, token.username),
+        scopes=scopes,
+        principals=principals,
+        via="deploy_token",
     )
 
 
@@ -175,7 +195,7 @@ def issue_jwt(
         "access": access,
     }
     if identity.account is not None and identity.account.personal_access_token_id is not None:
-        # Checked on every request: revoking the token (or its expiry) ends this one too.
+        # Checked again with the subject: revoking the token (or its expiry) ends this one too.
         claims["pat"] = identity.account.personal_access_token_id
     token = jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
     return token, settings.jwt_expire_seconds, datetime.fromtimestamp(issued, UTC)
@@ -210,53 +230,112 @@ def _granted(claims: dict) -> frozenset[tuple[str, str]] | None:
     return frozenset(granted)
 
 
-def bearer_identity(request: Request, settings: Settings, token: str) -> Identity | None:
+@dataclass(frozen=True)
+class BearerClaims:
+    """What a verified registry token says: whose it is and which repositories it opens."""
+
+    kind: str
+    subject_id: str
+    # The personal access token it was minted from, if any.
+    personal_access_token_id: int | None
+    access: frozenset[tuple[str, str]]
+    expires: float
+
+
+def bearer_claims(settings: Settings, token: str) -> BearerClaims | None:
     claims = decode_jwt(settings, token)
     if claims is None:
         return None
     access = _granted(claims)
     kind, _, subject_id = str(claims["sub"]).partition(":")
-    if access is None or not subject_id:
+    pat = claims.get("pat")
+    if access is None or not subject_id or ("pat" in claims and type(pat) is not int):
         return None
-    # Bearer tokens only ever carry pull grants; they never administer anything.
-    scopes = frozenset({Scope.READ_REGISTRY.value})
+    return BearerClaims(kind, subject_id, pat, access, float(claims["exp"]))
+
+
+def subject_identity(
+    request: Request, kind: str, subject_id: str, pat: int | None
+) -> tuple[Identity | None, float | None]:
+    """Who a token's subject is now, and for how many seconds at most that can hold (until
+    the credential behind it expires; None: no expiry of its own)."""
     if kind == "account":
-        # Looked up again on every request: a disabled account or a removed membership
-        # takes effect at once, not when the token expires.
         account = valid_account(_account_sources(request).account(request, subject_id))
-        if account is None or not _signed_in_with_live_credential(request, account, claims):
-            return None
-        identity = account_identity(request, account, via="bearer")
-    elif kind == "deploy_token" and subject_id.isdigit():
+        if account is None:
+            return None, None
+        lifetime = None
+        if pat is not None:
+            # Minted from a personal access token: revoking it (or its expiry) ends this too.
+            token = request.depproxy_dbsession.get(PersonalAccessToken, pat)
+            if (
+                token is None
+                or str(token.user_id) != account.id
+                or not _is_live(token.expires_at, token.revoked)
+            ):
+                return None, None
+            lifetime = _seconds_until(token.expires_at)
+        return account_identity(request, account, via="bearer"), lifetime
+    if kind == "deploy_token" and subject_id.isdigit():
         deploy_token = request.depproxy_dbsession.get(DeployToken, int(subject_id))
         if deploy_token is None or not _is_live(deploy_token.expires_at, deploy_token.revoked):
+            return None, None
+        return deploy_token_identity(deploy_token), _seconds_until(deploy_token.expires_at)
+    return None, None
+
+
+class BearerTokens:
+    """Bearer tokens to identities: claims kept until the token expires, subjects briefly."""
+
+    MAX_TOKENS = 4096
+    MAX_SUBJECTS = 4096
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._claims: BoundedCache[str, BearerClaims] = BoundedCache(self.MAX_TOKENS)
+        self._subjects: BoundedCache[tuple[str, str, int | None], Identity | None] = (
+            BoundedCache(self.MAX_SUBJECTS, ttl=settings.lookup_cache_seconds)
+        )
+
+    def identity(self, request: Request, token: str) -> Identity | None:
+        claims = self._verified(token)
+        if claims is None:
             return None
-        identity = deploy_token_identity(deploy_token)
-    else:
-        return None
-    return Identity(
-        account=identity.account,
-        deploy_token=identity.deploy_token,
-        scopes=identity.scopes & scopes,
-        principals=identity.principals,
-        access=access,
-        via="bearer",
-    )
+        key = (claims.kind, claims.subject_id, claims.personal_access_token_id)
+        subject = self._subjects.get(key)
+        if subject is MISSING:
+            subject, lifetime = subject_identity(request, *key)
+            self._subjects.put(key, subject, lifetime=lifetime)
+        if subject is None:
+            return None
+        assert isinstance(subject, Identity)
+        return Identity(
+            account=subject.account,
+            deploy_token=subject.deploy_token,
+            # Bearer tokens only ever carry pull grants; they never administer anything.
+            scopes=subject.scopes & {Scope.READ_REGISTRY.value},
+            principals=subject.principals,
+            access=claims.access,
+            via="bearer",
+        )
 
+    def signed_in(self, identity: Identity) -> None:
+        """Forget what was remembered of whoever just signed in: the tokens they are about to
+        use then see their memberships as they are now, not as they were."""
+        if identity.account is not None:
+            account = identity.account
+            self._subjects.discard(("account", account.id, account.personal_access_token_id))
+        elif identity.deploy_token is not None:
+            self._subjects.discard(("deploy_token", str(identity.deploy_token.id), None))
 
-def _signed_in_with_live_credential(request: Request, account: Account, claims: dict) -> bool:
-    """False when the token was minted from a personal access token that no longer works."""
-    if "pat" not in claims:
-        return True
-    token_id = claims["pat"]
-    if type(token_id) is not int:
-        return False
-    token = request.depproxy_dbsession.get(PersonalAccessToken, token_id)
-    return (
-        token is not None
-        and str(token.user_id) == account.id
-        and _is_live(token.expires_at, token.revoked)
-    )
+    def _verified(self, token: str) -> BearerClaims | None:
+        claims = self._claims.get(token)
+        # Never past its expiry, remembered or not: then the full check decides again.
+        if claims is MISSING or claims.expires <= time.time():  # type: ignore[union-attr]
+            claims = bearer_claims(self.settings, token)
+            if claims is None:
+                return None
+            self._claims.put(token, claims, lifetime=claims.expires - time.time())
+        return claims  # type: ignore[return-value]
 
 
 def sign_in(request: Request, username: str, password: str) -> Identity | None:
@@ -309,6 +388,7 @@ class SecurityPolicy:
         self.settings = settings
         self.helper = ACLHelper()
         self.identity_cache = RequestLocalCache(self._load_identity)
+        self.bearer_tokens = BearerTokens(settings)
 
     def _load_identity(self, request: Request) -> Identity | None:
         # Decided by path, not by route: pyramid_tm may ask who this is before routing.
@@ -317,9 +397,12 @@ class SecurityPolicy:
         path = request.environ.get("PATH_INFO", "")
         if path == TOKEN_PATH:
             credentials = parse_basic(header) if scheme.lower() == "basic" else None
-            return sign_in(request, *credentials) if credentials else None
+            identity = sign_in(request, *credentials) if credentials else None
+            if identity is not None:
+                self.bearer_tokens.signed_in(identity)
+            return identity
         if path.startswith("/v2") and scheme.lower() == "bearer" and value.strip():
-            return bearer_identity(request, self.settings, value.strip())
+            return self.bearer_tokens.identity(request, value.strip())
         return None
 
     def identity(self, request: Request) -> Identity | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import signal
 import socket
 import time
 from contextlib import suppress
@@ -150,8 +151,15 @@ def _limit_malloc_arenas(count: int) -> None:
     mallopt(M_ARENA_MAX, count)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(app, global_conf: dict, **settings: str) -> None:
     """The `[server:main]` runner: `use = egg:depproxy-pyramid#main` takes waitress's options."""
+    # SIGTERM (docker stop, systemd) shuts down as Ctrl-C does, so the application's exit work
+    # runs: the batched read_at updates are written, not lost with the process.
+    signal.signal(signal.SIGTERM, _stop)
     _limit_malloc_arenas(MALLOC_ARENAS)
     server = create_server(app, **{**DEFAULTS, **settings})
     servers = server.map.values() if isinstance(server, MultiSocketServer) else [server]

@@ -62,6 +62,10 @@ class Settings:
     trusted_proxies: tuple[str, ...]
     metrics_token: str | None
     metrics_allow: tuple[str, ...]
+    # How long requests share what they looked up of groups, accounts, memberships, tokens and
+    # cached blobs: the longest a change made elsewhere (a removed member, a disabled group)
+    # goes unnoticed. 0 looks everything up on every request.
+    lookup_cache_seconds: float
     raw: Mapping[str, str] = field(repr=False)
 
 
@@ -237,5 +241,8 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         trusted_proxies=_addresses(settings, "depproxy.trusted_proxies"),
         metrics_token=(settings.get("depproxy.metrics.token") or "").strip() or None,
         metrics_allow=_addresses(settings, "depproxy.metrics.allow"),
+        lookup_cache_seconds=_number(
+            settings, "depproxy.lookup_cache_seconds", 5.0, minimum=0, kind=float
+        ),
         raw=dict(settings),
     )

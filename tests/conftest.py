@@ -124,7 +124,12 @@ def app_kind(request) -> str:
 
 @pytest.fixture(scope="module")
 def app(app_kind, database, tmp_path_factory):
-    settings = app_settings(database.url, tmp_path_factory.mktemp("storage"))
+    settings = app_settings(
+        database.url,
+        tmp_path_factory.mktemp("storage"),
+        # Short, so the tests of what a change made elsewhere does wait little for it.
+        **{"depproxy.lookup_cache_seconds": "2"},
+    )
     if app_kind == "standalone":
         return main({}, **settings)
     from tests.hosts import cookiecutter

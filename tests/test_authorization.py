@@ -272,6 +272,8 @@ def test_a_registry_token_from_a_personal_access_token_ends_with_it(testapp, dat
     assert refused.json["errors"][0]["code"] == "DENIED"
 
     end_personal_access_token(database, token_id, how)
+    # Who a token stands for is looked up again once depproxy.lookup_cache_seconds are over.
+    time.sleep(testapp.app.registry["depproxy.settings"].lookup_cache_seconds + 0.5)
 
     assert claims["exp"] > time.time() + 60  # the registry token itself is still valid
     ping = testapp.get("/v2/", headers=_bearer(token), status=401)

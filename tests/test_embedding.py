@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from depproxy_pyramid.accounts import Account, IAccountSource
 from depproxy_pyramid.models import Group, Role
-from depproxy_pyramid.resources import GroupResource
+from depproxy_pyramid.resources import GroupInfo, GroupResource
 from depproxy_pyramid.security import HostAndAddonPolicy
 from tests.conftest import JWT_SECRET, app_settings, basic
 from tests.world import PASSWORD, build_world
@@ -163,7 +163,8 @@ def test_group_acls_name_only_the_addons_principals(database, world):
         groups = session.scalars(select(Group)).all()
         assert groups
         for group in groups:
-            for action, principal, _ in GroupResource(group, [group], None).__acl__:
+            info = GroupInfo.of(group)
+            for action, principal, _ in GroupResource(info, [info], None).__acl__:
                 assert principal in (Everyone, Authenticated) or principal.startswith(
                     "depproxy:"
                 ), (group.path, action, principal)

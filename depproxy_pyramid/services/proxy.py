@@ -3,11 +3,16 @@
 The service keeps its own short transactions (a fresh session each), apart from the request's
 pyramid_tm transaction: a blob fill finishes after the request's transaction has ended, and a
 concurrent insert of the same cache row must not poison the request.
+
+A hit asks the database as little as it can: a manifest by digest never changes, so its bytes
+stay in memory (a few MiB, least recently used out first); a cached blob's row is reused for
+`depproxy.lookup_cache_seconds`; read_at is written in batches (`ReadTimes`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -24,10 +29,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from webob.byterange import Range
 
+from ..caching import MISSING, BoundedCache
 from ..credentials import Keyring
 from ..errors import RegistryError
 from ..metrics import Metrics
-from ..models import CachedBlob, CachedManifest, CachedTag, CacheStatus, Group, ProxySettings
+from ..models import CachedBlob, CachedManifest, CachedTag, CacheStatus, Group
 from ..models.accounts import UpstreamCredential
 from ..requestlog import Result
 from ..settings import Settings
@@ -50,12 +56,13 @@ from ..upstream import (
 from ..upstream.client import UpstreamClient
 from ..upstream.gate import CircuitBreaker, Slot, UpstreamBusy, UpstreamGate, UpstreamHeldBack
 from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits, FillStream
+from .read_times import ReadTimes
 
 log = logging.getLogger(__name__)
 
-# read_at only needs day-level precision for TTL cleanup; touching it at most hourly keeps hits
-# from taking a write lock on every request.
-READ_AT_GRANULARITY = timedelta(hours=1)
+# Manifests are a few KiB: this keeps the thousand or so most recently pulled.
+MANIFEST_MEMORY_BYTES = 8 * 1024**2
+BLOB_ROWS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,28 @@ def byte_span(byte_range: Range | None, size: int | None) -> tuple[int, int] | N
 
 
 @dataclass(frozen=True)
+class KeptManifest:
+    """A cached manifest's row id and verified bytes, kept in memory by digest."""
+
+    row_id: int
+    digest: str
+    content: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """A cached blob's row, detached from its session so requests can share it."""
+
+    id: int
+    group_id: int
+    digest: str
+    size: int
+    content_type: str
+    storage_key: str
+
+
+@dataclass(frozen=True)
 class StoredCredential:
     username: str
     password_encrypted: str = field(repr=False)
@@ -140,20 +169,22 @@ class StoredCredential:
 
 @dataclass(frozen=True)
 class GroupUpstream:
-    """Everything about a group the proxy needs, detached from the request's session.
-
-    `path` and `stored` are None when the request had no proxy settings row to reach them by;
-    the service then loads them itself, once the request's transaction is over.
-    """
+    """The group a request pulls for. Its path and upstream credentials are looked up only when
+    the request goes upstream, in a transaction of the service's own: a hit never needs them."""
 
     group_id: int
-    path: str | None
-    # Registry host -> the group's own credentials for it, still encrypted.
-    stored: Mapping[str, StoredCredential] | None
 
 
-def _stored(rows: Iterable[UpstreamCredential]) -> dict[str, StoredCredential]:
+def _stored(rows: Iterable[UpstreamCredential]) -> Mapping[str, StoredCredential]:
     return {r.registry_host: StoredCredential(r.username, r.password_encrypted) for r in rows}
+
+
+def _digest_matches(digest: str, content: bytes) -> bool:
+    algorithm, _, expected = digest.partition(":")
+    try:
+        return hashlib.new(algorithm, content).hexdigest() == expected
+    except ValueError:
+        return False
 
 
 def storage_key(group_id: int, kind: str, digest: str) -> str:
@@ -254,6 +285,13 @@ class ProxyService:
             on_change=lambda registry, state: metrics.upstream_circuit.labels(registry).set(state),
         )
         metrics.upstream_in_flight.set_function(lambda: self.gate.in_flight)
+        self.read_times = ReadTimes(session_factory)
+        self._kept_manifests: BoundedCache[tuple[int, str, str], KeptManifest] = BoundedCache(
+            MANIFEST_MEMORY_BYTES, size_of=lambda kept: len(kept.content)
+        )
+        self._blob_rows: BoundedCache[tuple[int, str], BlobRecord] = BoundedCache(
+            BLOB_ROWS_KEPT, ttl=settings.lookup_cache_seconds
+        )
         self._manifest_locks: weakref.WeakValueDictionary[tuple[int, str, str], _KeyLock] = (
             weakref.WeakValueDictionary()
         )
@@ -264,12 +302,6 @@ class ProxyService:
         with self.session_factory() as session, session.begin():
             yield session
 
-    def group_upstream(self, group_id: int, settings: ProxySettings | None) -> GroupUpstream:
-        if settings is None:
-            return GroupUpstream(group_id, None, None)
-        group = settings.group
-        return GroupUpstream(group_id, group.path, _stored(group.upstream_credentials))
-
     @functools.cached_property
     def keyring(self) -> Keyring:
         return Keyring(self.settings.encryption_keys)
@@ -277,13 +309,11 @@ class ProxyService:
     def _credentials(self, group: GroupUpstream, registry: str) -> Credentials | None:
         """Who this group pulls from `registry` as: its own credentials for that registry, else
         the instance-wide ones if it may use them, else nobody (anonymous)."""
-        path, stored = group.path, group.stored
-        if path is None or stored is None:
-            with self._transaction() as session:
-                row = session.get(Group, group.group_id)
-                if row is None:
-                    raise RegistryError(404, "NAME_UNKNOWN", "the group no longer exists")
-                path, stored = row.path, _stored(row.upstream_credentials)
+        with self._transaction() as session:
+            row = session.get(Group, group.group_id)
+            if row is None:
+                raise RegistryError(404, "NAME_UNKNOWN", "the group no longer exists")
+            path, stored = row.path, _stored(row.upstream_credentials)
         own = stored.get(registry)
         if own is None:
             return self.upstreams.instance_credentials_for(registry, path)
@@ -317,20 +347,20 @@ class ProxyService:
     def manifest(self, group: GroupUpstream, image: str, reference: str) -> ServedManifest:
         found = self._lookup_manifest(group.group_id, image, reference)
         if found is not None:
-            tag, cached, content = found
+            tag, kept = found
             fresh = tag is None or (
                 datetime.now(UTC) - tag.revalidated_at
                 < timedelta(seconds=self.settings.freshness_seconds)
             )
             if fresh:
-                return ServedManifest(content, cached.content_type, cached.digest, Result.HIT)
+                return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
             try:
                 slot = self.gate.slot()
             except UpstreamBusy as error:
                 self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
-                return self._stale(image, reference, cached, content, error)
+                return self._stale(image, reference, kept, error)
             with slot:
-                return self._revalidate(group, image, reference, cached, content)
+                return self._revalidate(group, image, reference, kept)
         # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts. The
         # ones waiting for it wait on upstream too, so each holds a slot.
         with (
@@ -339,8 +369,8 @@ class ProxyService:
         ):
             found = self._lookup_manifest(group.group_id, image, reference)
             if found is not None:
-                _, cached, content = found
-                return ServedManifest(content, cached.content_type, cached.digest, Result.HIT)
+                _, kept = found
+                return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
             return self._fetch_manifest(group, image, reference, result=Result.MISS)
 
     def _slot(self, kind: str, what: str, unknown_code: str) -> Slot:
@@ -366,13 +396,11 @@ class ProxyService:
 
     def _lookup_manifest(
         self, group_id: int, image: str, reference: str
-    ) -> tuple[CachedTag | None, CachedManifest, bytes] | None:
-        """The cached manifest for a tag or digest, with the tag row and its bytes."""
-        with self._transaction() as session:
-            tag = None
-            if ":" in reference:
-                cached = self._cached_manifest(session, group_id, image, reference)
-            else:
+    ) -> tuple[CachedTag | None, KeptManifest] | None:
+        """The cached manifest for a tag or digest, with the tag row (None for a digest)."""
+        tag = None
+        if ":" not in reference:
+            with self._transaction() as session:
                 tag = session.scalar(
                     select(CachedTag).where(
                         CachedTag.group_id == group_id,
@@ -380,50 +408,50 @@ class ProxyService:
                         CachedTag.tag == reference,
                     )
                 )
-                cached = tag and self._cached_manifest(session, group_id, image, tag.digest)
-            if cached is None:
+            if tag is None:
                 return None
-            content = self._read_manifest(cached)
-            if content is None:
+        key = (group_id, image, tag.digest if tag is not None else reference)
+        kept = self._kept_manifests.get(key)
+        if kept is MISSING:
+            kept = self._load_manifest(*key)
+            if kept is None:
                 return None
-            self._touch(cached, datetime.now(UTC))
-            return tag, cached, content
+            self._kept_manifests.put(key, kept)
+        assert isinstance(kept, KeptManifest)
+        self.read_times.touch(CachedManifest, kept.row_id)
+        return tag, kept
 
-    def _cached_manifest(
-        self, session: Session, group_id: int, image: str, digest: str
-    ) -> CachedManifest | None:
-        return session.scalar(
-            select(CachedManifest).where(
-                CachedManifest.group_id == group_id,
-                CachedManifest.image == image,
-                CachedManifest.digest == digest,
-                CachedManifest.status == CacheStatus.DEFAULT,
+    def _load_manifest(self, group_id: int, image: str, digest: str) -> KeptManifest | None:
+        """The manifest from its row and storage; None (refetch it) when storage lost or
+        spoiled it."""
+        with self._transaction() as session:
+            cached = session.scalar(
+                select(CachedManifest).where(
+                    CachedManifest.group_id == group_id,
+                    CachedManifest.image == image,
+                    CachedManifest.digest == digest,
+                    CachedManifest.status == CacheStatus.DEFAULT,
+                )
             )
-        )
-
-    def _read_manifest(self, cached: CachedManifest) -> bytes | None:
+        if cached is None:
+            return None
         try:
             with self.storage.open(cached.storage_key) as stream:
                 content = stream.read(cached.size + 1)
         except BlobNotFound:
-            log.warning("manifest %s is recorded but missing from storage", cached.digest)
+            log.warning("manifest %s is recorded but missing from storage", digest)
             return None
-        if len(content) != cached.size:
-            log.warning("manifest %s in storage has the wrong size; refetching", cached.digest)
+        if len(content) != cached.size or not _digest_matches(digest, content):
+            log.warning("manifest %s in storage does not match its digest; refetching", digest)
             return None
-        return content
-
-    def _touch(self, row: CachedManifest | CachedBlob, now: datetime) -> None:
-        if now - row.read_at > READ_AT_GRANULARITY:
-            row.read_at = now
+        return KeptManifest(cached.id, digest, content, cached.content_type)
 
     def _revalidate(
         self,
         group: GroupUpstream,
         image: str,
         tag: str,
-        cached: CachedManifest,
-        content: bytes,
+        cached: KeptManifest,
     ) -> ServedManifest:
         client, name, credentials = self._resolve(group, image)
         try:
@@ -436,7 +464,7 @@ class ProxyService:
                 )
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
-            return self._stale(image, tag, cached, content, error)
+            return self._stale(image, tag, cached, error)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{tag}") from error
@@ -451,16 +479,13 @@ class ProxyService:
                     )
                     .values(revalidated_at=datetime.now(UTC))
                 )
-            return ServedManifest(content, cached.content_type, cached.digest, Result.HIT, 200)
-        return self._fetch_manifest(group, image, tag, result=Result.MISS, stale=(cached, content))
+            return ServedManifest(
+                cached.content, cached.content_type, cached.digest, Result.HIT, 200
+            )
+        return self._fetch_manifest(group, image, tag, result=Result.MISS, stale=cached)
 
     def _stale(
-        self,
-        image: str,
-        reference: str,
-        cached: CachedManifest,
-        content: bytes,
-        error: UpstreamError,
+        self, image: str, reference: str, kept: KeptManifest, error: UpstreamError
     ) -> ServedManifest:
         """The cached copy of a tag, served because upstream failed or was not asked."""
         # Held back, upstream was not asked: the breaker logged once when it opened.
@@ -470,13 +495,13 @@ class ProxyService:
             "serving stale %s:%s (%s) because upstream failed: %s%s",
             image,
             reference,
-            cached.digest,
+            kept.digest,
             error.message,
             # Whatever upstream sent instead (a non-manifest, say) is neither kept nor served.
             f" ({error.detail})" if isinstance(error, UpstreamInvalid) else "",
         )
         return ServedManifest(
-            content, cached.content_type, cached.digest, Result.STALE, error.status
+            kept.content, kept.content_type, kept.digest, Result.STALE, error.status
         )
 
     def _resolve(
@@ -496,7 +521,7 @@ class ProxyService:
         reference: str,
         *,
         result: Result,
-        stale: tuple[CachedManifest, bytes] | None = None,
+        stale: KeptManifest | None = None,
     ) -> ServedManifest:
         client, name, credentials = self._resolve(group, image)
         try:
@@ -505,7 +530,7 @@ class ProxyService:
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             if stale is not None and isinstance(error, UpstreamUnavailable | UpstreamRateLimited):
-                return self._stale(image, reference, *stale, error)
+                return self._stale(image, reference, stale, error)
             raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{reference}") from error
         self._store_manifest(group.group_id, image, reference, manifest)
         return ServedManifest(manifest.content, manifest.media_type, manifest.digest, result, 200)
@@ -589,7 +614,7 @@ class ProxyService:
             return FilledBlob(stream, byte_span(byte_range, stream.size))
 
     def _stored_blob(
-        self, row: CachedBlob, head: bool, byte_range: Range | None
+        self, row: BlobRecord, head: bool, byte_range: Range | None
     ) -> StoredBlob | RedirectedBlob | OffloadedBlob | None:
         """The cached blob's answer, or None when storage lost it."""
         if head:
@@ -619,22 +644,31 @@ class ProxyService:
             return None
         return StoredBlob(row.digest, row.content_type, row.size, span, file)
 
-    def cached_blob(self, group_id: int, digest: str) -> CachedBlob | None:
-        with self._transaction() as session:
-            row = session.scalar(
-                select(CachedBlob).where(
-                    CachedBlob.group_id == group_id,
-                    CachedBlob.digest == digest,
-                    CachedBlob.status == CacheStatus.DEFAULT,
+    def cached_blob(self, group_id: int, digest: str) -> BlobRecord | None:
+        record = self._blob_rows.get((group_id, digest))
+        if record is MISSING:
+            with self._transaction() as session:
+                row = session.scalar(
+                    select(CachedBlob).where(
+                        CachedBlob.group_id == group_id,
+                        CachedBlob.digest == digest,
+                        CachedBlob.status == CacheStatus.DEFAULT,
+                    )
                 )
+            if row is None:
+                return None
+            record = BlobRecord(
+                row.id, group_id, row.digest, row.size, row.content_type, row.storage_key
             )
-            if row is not None:
-                self._touch(row, datetime.now(UTC))
-            return row
+            self._blob_rows.put((group_id, digest), record)
+        assert isinstance(record, BlobRecord)
+        self.read_times.touch(CachedBlob, record.id)
+        return record
 
-    def forget_blob(self, row: CachedBlob) -> None:
+    def forget_blob(self, row: BlobRecord) -> None:
         """Drop a row whose object vanished from storage, so the next request refills it."""
         log.warning("blob %s is recorded but missing from storage; refetching", row.digest)
+        self._blob_rows.discard((row.group_id, row.digest))
         with self._transaction() as session:
             session.execute(CachedBlob.__table__.delete().where(CachedBlob.id == row.id))
 

@@ -73,7 +73,9 @@ def jwt_auth(request: Request) -> dict:
         if "pull" not in actions:
             continue
         try:
-            group = root.find(repository.group_path)
+            # Every pull starts here: what it grants, and what the registry requests that
+            # follow see, reflects a group disabled or made private a moment ago.
+            group = root.find(repository.group_path, fresh=True)
         except KeyError:
             continue
         if request.has_permission(Permission.PULL, RepositoryResource(repository, group)):

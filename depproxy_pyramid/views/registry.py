@@ -20,6 +20,7 @@ from ..services.fills import CHUNK_SIZE, FillError
 from ..services.proxy import (
     BlobAnswer,
     FilledBlob,
+    GroupUpstream,
     OffloadedBlob,
     ProxyService,
     RedirectedBlob,
@@ -77,8 +78,7 @@ def _service(request: Request) -> ProxyService:
 )
 def registry_view(context: RegistryTarget, request: Request) -> Response:
     service = _service(request)
-    group = context.group.group
-    upstream = service.group_upstream(group.id, group.proxy_settings)
+    upstream = GroupUpstream(context.group.group.id)
     kind = "manifest" if context.kind == "manifests" else "blob"
     repository = context.repository
     record = RequestRecord.start(
