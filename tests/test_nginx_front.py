@@ -13,9 +13,7 @@ import base64
 import hashlib
 import http.client
 import re
-import shutil
 import ssl
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,6 @@ from tests.proxy import PROXY_MARKER, PULLER, start_proxy
 from tests.server import free_port
 from tests.support import registry
 from tests.support.nginx import ACCEL_PREFIX, CONFIG, Nginx, render
-from tests.test_podman import Podman
 
 IMAGE = "library/alpine:latest"
 MAX_FAILURES = 3
@@ -155,16 +152,6 @@ def test_skopeo_pulls_cold_then_warm_and_nginx_sends_the_cached_blobs(
     assert layout_blobs(tmp_path / "warm") == layout_blobs(tmp_path / "cold")
     for descriptor in (source.config, *source.layers):
         assert_sent_by_nginx(nginx, proxy, descriptor.digest, descriptor.size)
-
-
-@pytest.fixture
-def podman(tmp_path):
-    # podman refuses a runroot longer than 50 characters, which tmp_path is.
-    runroot = Path(tempfile.mkdtemp(prefix="podman-run-"))
-    try:
-        yield Podman(tmp_path / "podman", runroot)
-    finally:
-        shutil.rmtree(runroot, ignore_errors=True)
 
 
 def test_podman_pulls_cold_then_warm_through_nginx(proxy, nginx, upstream, group, podman):
