@@ -203,6 +203,13 @@ def record_when_body_done(event: NewResponse) -> None:
             return
         record = RequestRecord.refused(request)
     record.status = response.status_int
+    if (
+        response.conditional_response
+        and response.etag is not None
+        and response.etag in request.if_none_match
+    ):
+        # The server answers 304 without the body (webob decides it when the body is sent).
+        record.status = 304
     if record.body_attached:
         return
     length = response.content_length

@@ -371,3 +371,30 @@ def test_a_request_head_trickling_in_is_cut_off(cached: Cached):
     assert json.loads(body)["errors"][0]["message"] == (
         f"the request head took longer than {REQUEST_HEAD_TIMEOUT} seconds to arrive"
     )
+
+
+def test_a_manifest_the_client_has_is_answered_304_and_recorded_so(cached: Cached):
+    token = cached.proxy.token(cached.group, IMAGE)
+    answer = requests.get(
+        f"{cached.proxy.url}/v2/{cached.group}/{PROXY_MARKER}/{IMAGE}/manifests/"
+        f"{cached.manifest_digest}",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/vnd.oci.image.manifest.v1+json",
+            "If-None-Match": f'"{cached.manifest_digest}"',
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 304
+    assert answer.content == b""
+    assert answer.headers["Docker-Content-Digest"] == cached.manifest_digest
+
+    def recorded() -> list[str]:
+        return [
+            line
+            for line in cached.proxy.server.log_path.read_text().splitlines()
+            if f"reference={cached.manifest_digest}" in line and " status=304 " in line
+        ]
+
+    wait_for(lambda: len(recorded()) == 1)
+    assert " result=hit bytes=0 " in recorded()[0]
