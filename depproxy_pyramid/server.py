@@ -70,9 +70,11 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter
 MALLOC_ARENAS = 2
 
 DEFAULTS = {
-    # Threads that wait on upstream are bounded below this by depproxy.upstream.max_in_flight,
-    # so cached requests always find one; an idle thread costs about 100 KiB.
-    "threads": "64",
+    # Requests waiting on upstream take at most depproxy.upstream.max_in_flight (192) of them,
+    # so cached requests always find one free; the rest is for a cold pull by a whole CI fleet
+    # at once, every client of one blob waiting on its single upstream transfer. 256 idle
+    # threads cost 6 MiB more than 64.
+    "threads": "256",
     # Connections cost a socket and a small buffer each; idle ones are closed within seconds.
     "connection_limit": "1000",
     "channel_timeout": "10",

@@ -220,7 +220,7 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
             settings, "depproxy.upstream.revalidate_timeout", 5.0, minimum=0.1, kind=float
         ),
         upstream_max_in_flight=int(
-            _number(settings, "depproxy.upstream.max_in_flight", 32, minimum=1)
+            _number(settings, "depproxy.upstream.max_in_flight", 192, minimum=1)
         ),
         upstream_credential_groups=_words(settings, "depproxy.upstream.credential_groups"),
         upstream_realms=_realms(settings, "depproxy.upstream.realms"),

@@ -17,7 +17,7 @@ def test_defaults():
     assert settings.external_url is None
     assert settings.storage == "filesystem"
     assert settings.upstream_registries == {}
-    assert settings.upstream_max_in_flight == 32
+    assert settings.upstream_max_in_flight == 192
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""A hung upstream never delays what the cache holds: a real server process, with 64 threads,
-in front of the real registry behind a relay that stops answering."""
+"""A hung upstream never delays what the cache holds: a real server process on the runner's
+defaults, in front of the real registry behind a relay that stops answering."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from tests.support.oci import Image
 from tests.support.registry import MANIFEST_ACCEPT, skopeo_pull
 from tests.support.relay import Fault
 
-SERVER_THREADS = 64
-MAX_IN_FLIGHT = 32  # the default
+SERVER_THREADS = 256  # the runner's default
+MAX_IN_FLIGHT = 32
 READ_TIMEOUT = 5
 UNCACHED = 64
 # A cached pull answers within this, whatever upstream does.
@@ -83,7 +83,11 @@ def proxy(upstream, tmp_path) -> Iterator[Proxy]:
         tmp_path,
         f"sqlite:///{tmp_path / 'proxy.sqlite'}",
         upstream.url,
-        **{"depproxy.upstream.read_timeout": str(READ_TIMEOUT)},
+        **{
+            "depproxy.upstream.read_timeout": str(READ_TIMEOUT),
+            # Below the 64 uncached requests, so that some of them find the budget spent.
+            "depproxy.upstream.max_in_flight": str(MAX_IN_FLIGHT),
+        },
     ) as proxy:
         assert_server_threads(proxy, SERVER_THREADS)
         yield proxy
