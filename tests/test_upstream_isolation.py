@@ -250,3 +250,39 @@ def test_a_blob_transfer_gives_its_slot_back_however_its_body_ends(upstream, tmp
         with ThreadPoolExecutor(2) as pool:
             assert list(pool.map(fetch, *zip(*configs, strict=True))) == [200, 200]
         wait_for(slots_free)
+
+
+def test_a_fleet_pulling_one_cold_image_at_once_is_served_by_one_upstream_transfer(
+    upstream, tmp_path
+):
+    """Every client of a blob being filled waits on upstream and holds a slot of the budget:
+    the default budget takes a CI fleet's cold pull of one image without refusing anyone."""
+    fleet = 120
+    with running_proxy(tmp_path, f"sqlite:///{tmp_path / 'proxy.sqlite'}", upstream.url) as proxy:
+        group = proxy.new_group("fleet")
+        client = Client(proxy, group, "big/image")
+        source = upstream.images["big/image:1.0"].source
+        assert isinstance(source, Image)
+        layer = source.layers[0]
+        upstream.relay.reset_counts()
+
+        def pull(i: int) -> tuple[int, str, str]:
+            manifest, _ = client.get("manifests", "1.0")
+            sha256 = hashlib.sha256()
+            with requests.get(
+                f"{client.base}/blobs/{layer.digest}",
+                headers=client.headers,
+                stream=True,
+                timeout=120,
+            ) as blob:
+                for chunk in blob.iter_content(1024 * 1024):
+                    sha256.update(chunk)
+            return manifest.status_code, blob.status_code, "sha256:" + sha256.hexdigest()
+
+        with ThreadPoolExecutor(max_workers=fleet) as pool:
+            outcomes = Counter(pool.map(pull, range(fleet)))
+    assert outcomes == Counter({(200, 200, layer.digest): fleet})
+    # The manifest once: a new process's first GET is answered with the token challenge, and
+    # the second carries the token (the blob GET then has it already).
+    assert upstream.relay.count(method="GET", kind="manifest") == 2
+    assert upstream.relay.blob_fetches() == Counter({layer.digest: 1})
