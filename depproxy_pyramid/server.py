@@ -81,6 +81,11 @@ DEFAULTS = {
     "cleanup_interval": "2",
     # select() cannot watch descriptors numbered past 1024.
     "asyncore_use_poll": "true",
+    # A body streaming from upstream waits when 4 MiB of it are buffered for the client, and
+    # that buffer stays in memory: by default waitress spilled everything past 1 MB of it to a
+    # temporary file, writing and reading each byte of a cold blob once more.
+    "outbuf_high_watermark": str(4 * 1024 * 1024),
+    "outbuf_overflow": str(8 * 1024 * 1024),
     # The app decides itself whose X-Forwarded-For to believe (`depproxy.trusted_proxies`);
     # waitress would otherwise delete the header first, and behind nginx every client would
     # share nginx's address, and its sign-in limit.
