@@ -38,19 +38,13 @@ from depproxy_pyramid.upstream import transport as transport_module
 from depproxy_pyramid.upstream.client import manifest_media_type
 from depproxy_pyramid.upstream.transport import AddressGuard, is_public
 from tests.proxy import Proxy, running_proxy
+from tests.server import wait_for
 from tests.support.hostile import CORRUPT, GOOD, GOOD_DIGEST, TERABYTE, HostileRegistry
 
 MiB = 1024**2
 CAP = 8 * MiB
 ANY_DIGEST = "sha256:" + hashlib.sha256(b"what the client asked for").hexdigest()
 INTERNAL_TARGETS = ["loopback", "localhost", "ipv6-loopback", "metadata", "private"]
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # -- unit: which addresses are public ------------------------------------------------------

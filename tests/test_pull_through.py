@@ -13,16 +13,9 @@ import pytest
 import requests
 
 from tests.proxy import PULLER, running_proxy
-from tests.server import admin
+from tests.server import admin, wait_for
 from tests.support.registry import skopeo_pull
 from tests.support.relay import Fault
-
-
-def wait_for(condition, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def layout_blobs(layout: Path) -> set[str]:
