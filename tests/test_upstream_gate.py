@@ -274,25 +274,45 @@ def test_only_one_of_many_concurrent_calls_is_the_probe(breaker, clock):
 
 @pytest.fixture
 def gate(clock) -> UpstreamGate:
-    return UpstreamGate(3, [REGISTRY, "other.test"], clock=clock)
+    return UpstreamGate(4, [REGISTRY, "other.test"], clock=clock)
 
 
 def test_a_full_budget_refuses_at_once(gate):
-    slots = [gate.slot() for _ in range(3)]
-    assert gate.in_flight == 3
+    slots = [gate.slot(REGISTRY) for _ in range(3)] + [gate.slot("other.test")]
+    assert gate.in_flight == 4
     with pytest.raises(UpstreamBusy) as busy:
-        gate.slot()
+        gate.slot("other.test")
     assert busy.value.retry_after == BUSY_RETRY_AFTER
     assert busy.value.message == "the proxy is waiting on too many upstream requests; retry later"
     slots[0].release()
-    assert gate.in_flight == 2
-    gate.slot()
     assert gate.in_flight == 3
+    gate.slot("other.test")
+    assert gate.in_flight == 4
+
+
+def test_one_of_several_registries_holds_at_most_its_share(gate):
+    assert gate.per_registry == 3
+    held = [gate.slot(REGISTRY) for _ in range(3)]
+    with pytest.raises(UpstreamBusy):
+        gate.slot(REGISTRY)
+    # A registry that hangs leaves the others room until its breaker opens.
+    with gate.slot("other.test"):
+        assert gate.in_flight == 4
+    held[0].release()
+    gate.slot(REGISTRY)
+
+
+def test_a_lone_registry_may_take_the_whole_budget():
+    gate = UpstreamGate(4, [REGISTRY])
+    held = [gate.slot(REGISTRY) for _ in range(4)]
+    assert gate.in_flight == len(held) == 4
+    with pytest.raises(UpstreamBusy):
+        gate.slot(REGISTRY)
 
 
 def test_a_slot_is_released_once(gate):
-    slot = gate.slot()
-    other = gate.slot()
+    slot = gate.slot(REGISTRY)
+    other = gate.slot(REGISTRY)
     slot.release()
     slot.release()
     assert gate.in_flight == 1
@@ -302,8 +322,8 @@ def test_a_slot_is_released_once(gate):
 
 
 def test_the_budget_is_shared_by_every_registry(gate):
-    with gate.call(REGISTRY), gate.call("other.test"), gate.call(REGISTRY):
-        assert gate.in_flight == 3
+    with gate.call(REGISTRY), gate.call("other.test"), gate.call(REGISTRY), gate.call("other.test"):
+        assert gate.in_flight == 4
         with pytest.raises(UpstreamBusy), gate.call("other.test"):
             pass
     assert gate.in_flight == 0
@@ -314,7 +334,7 @@ def test_a_refused_call_takes_no_slot_and_an_open_breaker_is_said_first(gate, cl
         with pytest.raises(UpstreamTimeout), gate.call(REGISTRY):
             raise UpstreamTimeout("hung")
     assert gate.in_flight == 0
-    held = [gate.slot() for _ in range(3)]
+    held = [gate.slot(REGISTRY) for _ in range(3)]
     with pytest.raises(UpstreamCircuitOpen), gate.call(REGISTRY):
         pass
     # Past the cooldown a busy budget refuses the probe without spending it.
@@ -343,7 +363,7 @@ def test_of_many_racing_for_slots_exactly_the_budget_gets_one():
     def race() -> bool:
         start.wait()
         try:
-            slot = gate.slot()
+            slot = gate.slot(REGISTRY)
         except UpstreamBusy:
             return False
         with slot:
@@ -368,7 +388,7 @@ def test_churning_slots_leaves_none_held():
         nonlocal held, most
         for _ in range(300):
             try:
-                slot = gate.slot()
+                slot = gate.slot(REGISTRY)
             except UpstreamBusy:
                 continue
             with lock:
@@ -398,8 +418,8 @@ def fill(tmp_path) -> Fill:
 
 
 def test_closing_a_fill_stream_releases_its_slot_once(gate, fill):
-    stream = FillStream(fill, gate.slot().release)
-    other = gate.slot()
+    stream = FillStream(fill, gate.slot(REGISTRY).release)
+    other = gate.slot(REGISTRY)
     reader = stream.read()
     stream.close()
     stream.close()
@@ -410,7 +430,7 @@ def test_closing_a_fill_stream_releases_its_slot_once(gate, fill):
 
 
 def test_a_fill_stream_dropped_unclosed_releases_its_slot(gate, fill):
-    stream = FillStream(fill, gate.slot().release)
+    stream = FillStream(fill, gate.slot(REGISTRY).release)
     assert gate.in_flight == 1
     del stream
     gc.collect()
@@ -418,11 +438,11 @@ def test_a_fill_stream_dropped_unclosed_releases_its_slot(gate, fill):
 
 
 def test_a_fill_stream_is_closed_when_building_its_response_fails(gate, fill):
-    stream = FillStream(fill, gate.slot().release)
+    stream = FillStream(fill, gate.slot(REGISTRY).release)
     with pytest.raises(LookupError), stream.closed_on_error():
         raise LookupError("416")
     assert gate.in_flight == 0
-    other = FillStream(fill, gate.slot().release)
+    other = FillStream(fill, gate.slot(REGISTRY).release)
     with other.closed_on_error():
         pass
     assert gate.in_flight == 1  # no error: the response body owns it now

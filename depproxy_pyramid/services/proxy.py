@@ -355,7 +355,7 @@ class ProxyService:
             if fresh:
                 return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
             try:
-                slot = self.gate.slot()
+                slot = self.gate.slot(self._registry(image))
             except UpstreamBusy as error:
                 self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
                 return self._stale(image, reference, kept, error)
@@ -364,7 +364,9 @@ class ProxyService:
         # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts. The
         # ones waiting for it wait on upstream too, so each holds a slot.
         with (
-            self._slot("manifest", f"{image}:{reference}", "MANIFEST_UNKNOWN"),
+            self._slot(
+                self._registry(image), "manifest", f"{image}:{reference}", "MANIFEST_UNKNOWN"
+            ),
             self._manifest_fetch_lock((group.group_id, image, reference)),
         ):
             found = self._lookup_manifest(group.group_id, image, reference)
@@ -373,13 +375,21 @@ class ProxyService:
                 return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
             return self._fetch_manifest(group, image, reference, result=Result.MISS)
 
-    def _slot(self, kind: str, what: str, unknown_code: str) -> Slot:
+    def _slot(self, registry: str, kind: str, what: str, unknown_code: str) -> Slot:
         """A slot of the upstream budget, or the registry error telling the client to retry."""
         try:
-            return self.gate.slot()
+            return self.gate.slot(registry)
         except UpstreamBusy as error:
             self.metrics.upstream_errors.labels(kind, type(error).__name__).inc()
             raise upstream_error(error, unknown_code, what) from error
+
+    def _registry(self, image: str) -> str:
+        """The registry host `image` is pulled from; 400 for a name no registry serves."""
+        try:
+            client, _ = self.upstreams.resolve(image)
+        except UpstreamRefused as error:
+            raise upstream_error(error, "NAME_UNKNOWN", image) from error
+        return self.upstreams.registry_of(client)
 
     def _breaker(self, client: UpstreamClient) -> CircuitBreaker:
         return self.gate.breaker(self.upstreams.registry_of(client))
@@ -702,7 +712,7 @@ class ProxyService:
         except UpstreamHeldBack as error:
             self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
             raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
-        slot = self._slot("blob", digest, "BLOB_UNKNOWN")
+        slot = self._slot(self.upstreams.registry_of(client), "blob", digest, "BLOB_UNKNOWN")
         try:
             fill = self._started_fill(group, digest, open_upstream)
         except BaseException:

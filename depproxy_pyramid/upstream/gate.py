@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 # Five in a row: one failure is a blip (and the transport already retried connection errors and
 # 502/503/504 once), while a hung registry times out every request, so five accrue within one
 # read timeout under any real load and the breaker opens before the budget has filled twice.
+# With several registries configured, the most of the budget one of them may hold: a registry
+# that hangs fills its share before its breaker opens (that takes five read timeouts), and the
+# others keep the rest.
+REGISTRY_SHARE = 0.75
 FAILURES_TO_OPEN = 5
 # Long enough that a down registry is not asked again by every pull, short enough that its
 # recovery is noticed within a Docker client's own retries; the probe after it costs one slot.
@@ -211,13 +216,14 @@ class CircuitBreaker:
 class Slot:
     """A place in the budget, held while waiting on upstream; `release` is idempotent."""
 
-    def __init__(self, gate: UpstreamGate) -> None:
+    def __init__(self, gate: UpstreamGate, registry: str) -> None:
         self._gate: UpstreamGate | None = gate
+        self._registry = registry
 
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate._release()
+            gate._release(self._registry)
 
     def __enter__(self) -> Slot:
         return self
@@ -249,6 +255,12 @@ class UpstreamGate:
             registry: CircuitBreaker(registry, clock=clock, on_change=on_change)
             for registry in registries
         }
+        self._held: Counter[str] = Counter()
+        self.per_registry = (
+            max_in_flight
+            if len(self._breakers) == 1
+            else max(1, math.floor(max_in_flight * REGISTRY_SHARE))
+        )
         if on_change is not None:
             for registry in self._breakers:
                 on_change(registry, BreakerState.CLOSED)
@@ -261,23 +273,26 @@ class UpstreamGate:
     def breaker(self, registry: str) -> CircuitBreaker:
         return self._breakers[registry]
 
-    def slot(self) -> Slot:
-        """A slot of the budget, or UpstreamBusy at once when none is free."""
+    def slot(self, registry: str) -> Slot:
+        """A slot of the budget for a request to `registry`, or UpstreamBusy at once when none
+        is free or `registry` holds its share."""
         with self._lock:
-            if self._in_flight >= self.max_in_flight:
+            if self._in_flight >= self.max_in_flight or self._held[registry] >= self.per_registry:
                 raise UpstreamBusy(
                     "the proxy is waiting on too many upstream requests; retry later",
                     retry_after=BUSY_RETRY_AFTER,
                 )
             self._in_flight += 1
-        return Slot(self)
+            self._held[registry] += 1
+        return Slot(self, registry)
 
-    def _release(self) -> None:
+    def _release(self, registry: str) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._held[registry] -= 1
 
     @contextmanager
     def call(self, registry: str) -> Iterator[None]:
         """A call to `registry` that holds a slot while it waits."""
-        with self.breaker(registry).call(), self.slot():
+        with self.breaker(registry).call(), self.slot(registry):
             yield
