@@ -217,7 +217,7 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
             settings, "depproxy.upstream.read_timeout", 30.0, minimum=0.1, kind=float
         ),
         upstream_revalidate_timeout=_number(
-            settings, "depproxy.upstream.revalidate_timeout", 5.0, minimum=0.1, kind=float
+            settings, "depproxy.upstream.revalidate_timeout", 1.0, minimum=0.1, kind=float
         ),
         upstream_max_in_flight=int(
             _number(settings, "depproxy.upstream.max_in_flight", 192, minimum=1)

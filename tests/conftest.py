@@ -20,7 +20,12 @@ from depproxy_pyramid import main
 from depproxy_pyramid.migrations import upgrade
 from depproxy_pyramid.models import get_engine, get_session_factory, get_tm_session
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.podman", "tests.support_s3"]
+pytest_plugins = [
+    "tests.support.fixtures",
+    "tests.support.engines",
+    "tests.support.podman",
+    "tests.support_s3",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import select
 
+from depproxy_pyramid.models import CachedTag, Group
 from tests.proxy import PULLER, running_proxy
 from tests.server import admin, wait_for
 from tests.support.registry import skopeo_pull
@@ -407,7 +411,19 @@ def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
         assert "QueuePool limit" not in proxy.server.log()
 
 
+def revalidated_at(proxy, group: str) -> datetime:
+    manager, session = proxy.db.session()
+    with manager:
+        return session.scalar(
+            select(CachedTag.revalidated_at)
+            .join(Group, Group.id == CachedTag.group_id)
+            .where(Group.path == group)
+        )
+
+
 def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path, monkeypatch):
+    """A revalidation past the deadline answers with the cached copy and goes on in the
+    background: the tag is confirmed once upstream answers, and slowness is no failure."""
     with running_proxy(
         tmp_path,
         f"sqlite:///{tmp_path / 'slow.sqlite'}",
@@ -418,7 +434,9 @@ def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path, monkeyp
         first = proxy.get(group, "library/alpine", "manifests", "latest")
         assert first.status_code == 200
         token = proxy.token(group, "library/alpine")
-        monkeypatch.setattr(upstream.relay, "slow_seconds", 5)
+        before = revalidated_at(proxy, group)
+        # Slower than the deadline, within the read timeout (5 s in tests).
+        monkeypatch.setattr(upstream.relay, "slow_seconds", 3)
         upstream.relay.set_mode(Fault.SLOW)
         started = time.monotonic()
         again = requests.get(
@@ -431,3 +449,8 @@ def test_slow_upstream_serves_the_cached_tag_quickly(upstream, tmp_path, monkeyp
         assert again.content == first.content
         assert elapsed < 3, elapsed
         assert "result=stale" in proxy.server.log()
+        wait_for(lambda: revalidated_at(proxy, group) > before)
+        metrics = requests.get(f"{proxy.url}/-/metrics", timeout=10).text
+        closed = r'^depproxy_upstream_circuit_state\{registry="[^"]+"\} 0\.0$'
+        assert re.search(closed, metrics, re.M)
+        assert 'error="UpstreamTimeout"' not in metrics

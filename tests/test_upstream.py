@@ -1157,30 +1157,6 @@ def test_custom_user_agent_and_timeouts(rsps, monkeypatch):
     assert rsps.calls[0].request.headers["User-Agent"] == "ua/1"
 
 
-def test_head_manifest_read_timeout_override(rsps, monkeypatch):
-    client = UpstreamClient(REG, connect_timeout=1.5, read_timeout=30)
-    seen = []
-    original = requests.Session.request
-
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs["timeout"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(requests.Session, "request", spy)
-    rsps.add(
-        responses.HEAD,
-        REG + MANIFEST_PATH,
-        headers={
-            "Docker-Content-Digest": "sha256:" + "a" * 64,
-            "Content-Type": OCI_INDEX,
-            "Content-Length": "10",
-        },
-    )
-    client.head_manifest("library/alpine", "latest", read_timeout=2)
-    client.head_manifest("library/alpine", "latest")
-    assert seen == [(1.5, 2), (1.5, 30)]
-
-
 # -- routing -------------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -285,6 +287,10 @@ class ProxyService:
             on_change=lambda registry, state: metrics.upstream_circuit.labels(registry).set(state),
         )
         metrics.upstream_in_flight.set_function(lambda: self.gate.in_flight)
+        # Each revalidation holds a slot of the budget: no more can be running than slots.
+        self._revalidations = ThreadPoolExecutor(
+            settings.upstream_max_in_flight, thread_name_prefix="revalidate"
+        )
         self.read_times = ReadTimes(session_factory)
         self._kept_manifests: BoundedCache[tuple[int, str, str], KeptManifest] = BoundedCache(
             MANIFEST_MEMORY_BYTES, size_of=lambda kept: len(kept.content)
@@ -359,8 +365,7 @@ class ProxyService:
             except UpstreamBusy as error:
                 self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
                 return self._stale(image, reference, kept, error)
-            with slot:
-                return self._revalidate(group, image, reference, kept)
+            return self._revalidate_by_deadline(slot, group, image, reference, kept)
         # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts. The
         # ones waiting for it wait on upstream too, so each holds a slot.
         with (
@@ -456,6 +461,35 @@ class ProxyService:
             return None
         return KeptManifest(cached.id, digest, content, cached.content_type)
 
+    def _revalidate_by_deadline(
+        self, slot: Slot, group: GroupUpstream, image: str, tag: str, kept: KeptManifest
+    ) -> ServedManifest:
+        """The tag revalidated with upstream, or its cached copy when upstream has not answered
+        within `depproxy.upstream.revalidate_timeout`.
+
+        A revalidation past the deadline goes on in the background, under the usual read
+        timeout, holding its slot, and updates the tag for the next pull: a slow upstream costs
+        a pull no more than the deadline, and counts as hanging only when it really does.
+        """
+
+        def revalidate() -> ServedManifest:
+            with slot:
+                return self._revalidate(group, image, tag, kept)
+
+        future = self._revalidations.submit(revalidate)
+        try:
+            return future.result(timeout=self.settings.upstream_revalidate_timeout)
+        except FutureTimeout:
+            log.info(
+                "serving %s:%s (%s) from the cache: upstream has not answered its revalidation "
+                "within %ss; it goes on in the background",
+                image,
+                tag,
+                kept.digest,
+                self.settings.upstream_revalidate_timeout,
+            )
+            return ServedManifest(kept.content, kept.content_type, kept.digest, Result.STALE)
+
     def _revalidate(
         self,
         group: GroupUpstream,
@@ -466,12 +500,7 @@ class ProxyService:
         client, name, credentials = self._resolve(group, image)
         try:
             with self._breaker(client).call():
-                current = client.head_manifest(
-                    name,
-                    tag,
-                    credentials=credentials,
-                    read_timeout=self.settings.upstream_revalidate_timeout,
-                )
+                current = client.head_manifest(name, tag, credentials=credentials)
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             return self._stale(image, tag, cached, error)

@@ -186,10 +186,8 @@ class UpstreamClient:
         name: str,
         reference: str,
         credentials: Credentials | None = None,
-        read_timeout: float | None = None,
     ) -> ManifestRef:
-        """The manifest's digest, type and size; `read_timeout` overrides the client's own for
-        this request (a caller holding a cached copy would rather not wait long)."""
+        """The manifest's digest, type and size."""
         _check_name(name)
         by_digest = _is_digest(reference)
         resp = self._registry_request(
@@ -198,7 +196,6 @@ class UpstreamClient:
             f"manifests/{reference}",
             credentials,
             {"Accept": MANIFEST_ACCEPT},
-            read_timeout=read_timeout,
         )
         resp.close()
         raise_for_status(resp, _manifest_label(name, reference))
@@ -317,7 +314,6 @@ class UpstreamClient:
         path: str,
         creds: Credentials | None,
         headers: Mapping[str, str],
-        read_timeout: float | None = None,
     ) -> requests.Response:
         """Send to ``/v2/<name>/<path>``, handling auth challenges and redirects.
 
@@ -325,17 +321,17 @@ class UpstreamClient:
         """
         url = f"{self.base_url}/v2/{name}/{path}"
         authorization = self._cached_authorization(name, creds)
-        resp = self.transport.send(method, url, {**headers, **authorization}, read_timeout)
+        resp = self.transport.send(method, url, {**headers, **authorization})
         if resp.status_code == 401:
             resp.close()
             authorization = self._authorize(name, creds, resp, authorization)
-            resp = self.transport.send(method, url, {**headers, **authorization}, read_timeout)
+            resp = self.transport.send(method, url, {**headers, **authorization})
             if resp.status_code == 401 and authorization["Authorization"].startswith("Basic "):
                 resp.close()
                 raise UpstreamAuthFailed(
                     f"upstream {self.host} rejected the configured credentials", status=401
                 )
-        return self.transport.follow_redirects(method, resp, headers, authorization, read_timeout)
+        return self.transport.follow_redirects(method, resp, headers, authorization)
 
     # -- authentication ----------------------------------------------------------------------
 

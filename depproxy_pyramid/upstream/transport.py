@@ -340,10 +340,8 @@ class Transport:
         method: str,
         url: str,
         headers: Mapping[str, str],
-        read_timeout: float | None = None,
     ) -> requests.Response:
         """One request with bounded retries; only called before any body reaches the caller."""
-        timeout = self._timeout if read_timeout is None else (self._timeout[0], read_timeout)
         attempt = 1
         while True:
             try:
@@ -351,7 +349,7 @@ class Transport:
                     method,
                     url,
                     headers=headers,
-                    timeout=timeout,
+                    timeout=self._timeout,
                     stream=True,
                     allow_redirects=False,
                 )
@@ -376,14 +374,13 @@ class Transport:
         method: str,
         url: str,
         headers: Mapping[str, str],
-        read_timeout: float | None = None,
     ) -> requests.Response:
         """`send` to a URL that upstream named (a redirect target, a token realm): only to a
         public address or a configured upstream, and connected to the very addresses vetted."""
         self.guard.check(url)
         vetting = _hop_guard.set(self.guard)
         try:
-            return self.send(method, url, headers, read_timeout)
+            return self.send(method, url, headers)
         finally:
             _hop_guard.reset(vetting)
 
@@ -393,7 +390,6 @@ class Transport:
         resp: requests.Response,
         headers: Mapping[str, str],
         authorization: Mapping[str, str],
-        read_timeout: float | None = None,
     ) -> requests.Response:
         # Followed by hand because Docker Hub sends blob GETs to a CDN: we decide per hop
         # whether the registry's Authorization may go along (same origin only).
@@ -417,7 +413,6 @@ class Transport:
                 method,
                 url,
                 {**headers, **authorization} if same_origin else headers,
-                read_timeout,
             )
         if origin(resp.url) != self.origin and resp.status_code in (401, 403):
             resp.close()
