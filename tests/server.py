@@ -145,6 +145,12 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        """The log once it holds `text`. An access line is written when its response's body is
+        done, just after the client has the last byte: a test reading it must wait."""
+        wait_for(lambda: text in self.log_path.read_text(errors="replace"), timeout)
+        return self.log()
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

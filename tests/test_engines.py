@@ -97,7 +97,7 @@ def test_the_docker_engine_pulls_a_cached_image_while_upstream_hangs(
     assert docker.image(reference, tmp_path)["Id"] == expected
     # The engine asks for the tag twice (HEAD, then GET), the blobs once each.
     assert elapsed < 2 * 1 + 2
-    assert "result=stale" in proxy.server.log()
+    proxy.server.wait_for_log("result=stale")
 
 
 def test_containerd_pulls_cold_then_warm(proxy, upstream, group, containerd):

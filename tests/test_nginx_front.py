@@ -22,7 +22,7 @@ import requests
 from depproxy_pyramid.models import Group, Visibility
 from depproxy_pyramid.services.proxy import storage_key
 from tests.proxy import PROXY_MARKER, PULLER, start_proxy
-from tests.server import free_port
+from tests.server import free_port, wait_for
 from tests.support import registry
 from tests.support.nginx import ACCEL_PREFIX, CONFIG, Nginx, render
 
@@ -119,6 +119,13 @@ def app_lines(proxy, digest: str) -> list[str]:
     return [line for line in proxy.server.log().splitlines() if f"reference={digest}" in line]
 
 
+def last_app_line(proxy, digest: str, containing: str) -> str:
+    """The app's latest access line for `digest`, once it holds `containing`: a line is
+    written when its response's body is done, just after the client has it."""
+    wait_for(lambda: containing in (app_lines(proxy, digest) or [""])[-1])
+    return app_lines(proxy, digest)[-1]
+
+
 def skopeo_pull(nginx: Nginx, reference: str, dest: Path) -> None:
     """A complete pull over TLS, verifying nginx's certificate against the test CA."""
     registry.skopeo_pull(reference, dest, creds=PULLER, cert_dir=nginx.cert_dir)
@@ -132,7 +139,7 @@ def assert_sent_by_nginx(nginx: Nginx, proxy, digest: str, size: int) -> None:
     """The latest GET of the blob: nginx sent all of it, the app none (and said so)."""
     (line, *_) = reversed([e for e in nginx_lines(nginx, digest) if e["method"] == "GET"])
     assert (line["status"], line["bytes"], line["app_bytes"]) == ("200", str(size), "0")
-    assert "offload=nginx" in app_lines(proxy, digest)[-1]
+    last_app_line(proxy, digest, "offload=nginx")
 
 
 def test_skopeo_pulls_cold_then_warm_and_nginx_sends_the_cached_blobs(
@@ -143,8 +150,7 @@ def test_skopeo_pulls_cold_then_warm_and_nginx_sends_the_cached_blobs(
     assert set(upstream.relay.blob_fetches()) == set(source.blob_digests)
     for digest in source.blob_digests:
         # Cold: the app streamed the fill itself.
-        assert "result=miss" in app_lines(proxy, digest)[-1]
-        assert "offload" not in app_lines(proxy, digest)[-1]
+        assert "offload" not in last_app_line(proxy, digest, "result=miss")
     upstream.relay.reset_counts()
 
     skopeo_pull(nginx, ref(nginx, group, IMAGE), tmp_path / "warm")
@@ -203,7 +209,7 @@ def test_cached_blob_range_head_and_headers(proxy, nginx, upstream, group):
     assert "X-Accel-Redirect" not in part.headers
     line = [e for e in nginx_lines(nginx, layer.digest) if e["method"] == "GET"][-1]
     assert (line["status"], line["bytes"], line["app_bytes"]) == ("206", "1000000", "0")
-    assert "status=206" in app_lines(proxy, layer.digest)[-1]
+    last_app_line(proxy, layer.digest, "status=206")
 
     # A range past the end is refused by the app, in the registry's format, before nginx
     # would answer it with an HTML page.
@@ -216,7 +222,7 @@ def test_cached_blob_range_head_and_headers(proxy, nginx, upstream, group):
     assert head.status_code == 200 and head.content == b""
     assert int(head.headers["Content-Length"]) == layer.size
     assert head.headers["Docker-Content-Digest"] == layer.digest
-    assert "offload" not in app_lines(proxy, layer.digest)[-1]
+    assert "offload" not in last_app_line(proxy, layer.digest, "method=HEAD")
 
 
 def test_a_range_of_a_cold_blob_is_answered_by_the_app(proxy, nginx, upstream, group):
@@ -224,7 +230,7 @@ def test_a_range_of_a_cold_blob_is_answered_by_the_app(proxy, nginx, upstream, g
     content = blob_path(upstream, IMAGE, layer.digest).read_bytes()
     part = blob(nginx, group, "library/alpine", layer.digest, Range="bytes=0-99")
     assert part.status_code == 206 and part.content == content[:100]
-    assert "result=miss" in app_lines(proxy, layer.digest)[-1]
+    last_app_line(proxy, layer.digest, "result=miss")
 
 
 def test_cached_blobs_are_refused_to_whoever_may_not_pull_them(proxy, nginx, upstream, group):

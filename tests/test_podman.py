@@ -60,4 +60,4 @@ def test_podman_pull_and_pull_again_from_cache(proxy, upstream, group, podman, i
     check_pulled(podman.pull(reference, *extra))
     assert upstream.relay.count(method="GET", kind="blob") == 0
     assert upstream.relay.count(method="GET", kind="manifest") == 0
-    assert "result=stale" in proxy.server.log()
+    proxy.server.wait_for_log("result=stale")

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from tests.proxy import PULLER, start_proxy
+from tests.server import wait_for
 from tests.support.registry import skopeo_pull
 from tests.support.relay import Fault
 
@@ -55,9 +56,15 @@ def test_pull_through_s3(s3_proxy, upstream, moto_s3, tmp_path):
     upstream.relay.reset_counts()
     skopeo_pull(s3_proxy.ref(group, image), tmp_path / "second", creds=PULLER, all=True)
     assert upstream.relay.count(method="GET", kind="blob") == 0
-    hits = [line for line in s3_proxy.server.log().splitlines() if "result=hit" in line]
-    redirected = [line for line in hits if "kind=blobs" in line and "status=307" in line]
-    assert len(redirected) == (len(blobs) if s3_proxy.redirects else 0)
+    def redirected() -> list[str]:
+        return [
+            line
+            for line in s3_proxy.server.log().splitlines()
+            if "result=hit" in line and "kind=blobs" in line and "status=307" in line
+        ]
+
+    # Access lines are written when a response's body is done, just after the client has it.
+    wait_for(lambda: len(redirected()) == (len(blobs) if s3_proxy.redirects else 0))
 
 
 def test_corrupt_upstream_leaves_nothing_in_the_bucket(s3_proxy, upstream, moto_s3, tmp_path):
