@@ -28,7 +28,7 @@ from pathlib import Path
 
 import requests
 
-from tests.server import free_port
+from tests.server import free_port, stop_process
 from tests.support import oci
 from tests.support.nginx import NginxProcess
 from tests.support.registry import Registry, require_binary, skopeo_pull
@@ -197,21 +197,6 @@ def wait_http(process: subprocess.Popen[bytes], url: str, timeout: float, log: P
             time.sleep(0.05)
     stop_process(process)
     raise RuntimeError(f"{url} did not answer within {timeout}s; see {log}")
-
-
-def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
-    """SIGTERM the process group we started ``process`` in, then SIGKILL if it lingers."""
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def remove_skopeo_auth_file() -> None:

@@ -25,6 +25,21 @@ def wait_for(condition, timeout: float = 15) -> None:
         time.sleep(0.05)
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float = 10) -> None:
+    """SIGTERM the process group `process` was started in, then SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -152,14 +167,7 @@ class ServerProcess:
         return self.log()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process(self.process)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -5,7 +5,6 @@ In-process mocks would bypass the HTTP layer that streaming, ranges and presigne
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import boto3
 import pytest
 import requests
 from botocore.config import Config
+
+from tests.server import free_port, stop_process
 
 _START_TIMEOUT = 60.0
 
@@ -60,13 +61,14 @@ class MotoS3:
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    port = _free_port()
+    port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     try:
         server = MotoS3(endpoint_url=f"http://127.0.0.1:{port}")
@@ -74,18 +76,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
         server.client().create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        stop_process(process)
 
 
 def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.proxy import PULLER
+from tests.server import stop_process
 
 # Debian's client matches Debian's daemon; a newer client elsewhere on PATH may not.
 DOCKER_CLIENT = "/usr/bin/docker"
@@ -33,20 +34,10 @@ def _start(command: list[str], log: Path, ready, what: str) -> subprocess.Popen:
     deadline = time.monotonic() + 30
     while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
-            _stop(process)
+            stop_process(process, timeout=20)
             pytest.fail(f"{what} did not start:\n{log.read_text()[-3000:]}", pytrace=False)
         time.sleep(0.2)
     return process
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Containerd:
@@ -147,7 +138,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     try:
         yield daemon
     finally:
-        _stop(process)
+        stop_process(process, timeout=20)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -175,7 +166,7 @@ def docker_engine(containerd_daemon: Containerd) -> Iterator[DockerEngine]:
     try:
         yield engine
     finally:
-        _stop(process)
+        stop_process(process, timeout=20)
         shutil.rmtree(home, ignore_errors=True)
 
 
