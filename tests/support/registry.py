@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import requests
 
+from tests.server import free_port, stop_process
 from tests.support.oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -37,13 +37,6 @@ SERVICE = "test-registry"
 MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
 _ACCESS_LOG = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3}) ')
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-
-
-def free_port() -> int:
-    """Ask the kernel for a currently unused 127.0.0.1 port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def require_binary(name: str) -> str:
@@ -238,6 +231,7 @@ class Registry:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -254,14 +248,7 @@ class Registry:
 
     def stop(self) -> None:
         """Terminate the process (storage stays, so :meth:`start` serves the same content)."""
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     def restart(self) -> None:
