@@ -75,9 +75,9 @@ class RequestRecord:
         self.fields["offload"] = "nginx"
         self._offloaded = (status, length)
 
-    def failed(self, status: int, upstream_status: int | None) -> None:
+    def failed(self, upstream_status: int | None) -> None:
+        """The view raised a registry error; its response carries the status."""
         self.result = Result.ERROR
-        self.status = status
         self.upstream_status = upstream_status
 
     def file_body(

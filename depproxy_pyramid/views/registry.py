@@ -108,7 +108,7 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
         return blob_response(request, answer, record)
     except RegistryError as error:
         detail = error.detail if isinstance(error.detail, dict) else {}
-        record.failed(error.status, detail.get("upstream_status"))
+        record.failed(detail.get("upstream_status"))
         raise
 
 
