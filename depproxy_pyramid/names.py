@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import RegistryError, name_invalid
+from .errors import name_invalid
 
 PROXY_MARKER = "dependency_proxy/containers"
 MAX_GROUP_DEPTH = 20
@@ -51,21 +51,11 @@ def image_problem(image: str) -> str | None:
 
 
 def is_digest(reference: str) -> bool:
-    return bool(DIGEST_RE.match(reference))
+    return DIGEST_RE.fullmatch(reference) is not None
 
 
-def validate_digest(digest: str) -> str:
-    if not is_digest(digest):
-        raise RegistryError(400, "DIGEST_INVALID", "invalid digest", {"digest": digest[:200]})
-    return digest
-
-
-def validate_reference(reference: str) -> str:
-    if ":" in reference:
-        return validate_digest(reference)
-    if not TAG_RE.match(reference):
-        raise RegistryError(400, "MANIFEST_INVALID", "invalid tag", {"tag": reference[:200]})
-    return reference
+def is_tag(reference: str) -> bool:
+    return TAG_RE.fullmatch(reference) is not None
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ def test_portal_pages_and_registry_errors_each_keep_their_own(portal):
     )
     unknown = member.get("/v2/no/such/thing", status=404)
     assert unknown.content_type == "application/json"
-    assert unknown.json["errors"][0]["code"] == "NOT_FOUND"
+    assert unknown.json["errors"][0]["code"] == "UNSUPPORTED"
     assert "portal 404" not in unknown.text
 
 

@@ -215,7 +215,7 @@ def test_cached_blob_range_head_and_headers(proxy, nginx, upstream, group):
     # would answer it with an HTML page.
     past = blob(nginx, group, "big/image", layer.digest, Range=f"bytes={layer.size}-")
     assert past.status_code == 416
-    assert past.json()["errors"][0]["code"] == "RANGE_INVALID"
+    assert past.json()["errors"][0]["code"] == "SIZE_INVALID"
     assert past.headers["Content-Range"] == f"bytes */{layer.size}"
 
     head = blob(nginx, group, "big/image", layer.digest, method="HEAD")

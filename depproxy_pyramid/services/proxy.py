@@ -133,7 +133,8 @@ def byte_span(byte_range: Range | None, size: int | None) -> tuple[int, int] | N
     if span is None:
         raise RegistryError(
             416,
-            "RANGE_INVALID",
+            # The spec's list has no code of its own for this: the range lies past the size.
+            "SIZE_INVALID",
             "requested range not satisfiable",
             {"size": size},
             {"Content-Range": f"bytes */{size}"},

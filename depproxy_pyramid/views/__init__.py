@@ -1,8 +1,11 @@
 from pyramid.config import Configurator
 from pyramid.events import NewResponse
+from pyramid.request import Request
+from pyramid.response import Response
+from pyramid.security import NO_PERMISSION_REQUIRED
 from pyramid.tweens import INGRESS
 
-from ..errors import RegistryError
+from ..errors import RegistryError, method_not_allowed
 from ..requestlog import record_when_body_done
 from ..security import ADDON_PATHS, is_addon_path
 from .errors import API_VERSION, RawPathPredicate, add_error_views, registry_error_view
@@ -13,6 +16,13 @@ def _api_version_header(event: NewResponse) -> None:
     path_info = event.request.environ.get("PATH_INFO", "")
     if is_addon_path(event.request) and not path_info.startswith("/-/"):
         event.response.headers[API_VERSION[0]] = API_VERSION[1]
+
+
+def _method_not_allowed_view(allowed: tuple[str, ...]):
+    def method_not_allowed_view(request: Request) -> Response:
+        raise method_not_allowed(allowed, f"{request.method[:20]} is not allowed here")
+
+    return method_not_allowed_view
 
 
 def includeme(config: Configurator) -> None:
@@ -31,6 +41,18 @@ def includeme(config: Configurator) -> None:
     # Outermost: malformed paths are answered before any tween decodes them.
     config.add_tween("depproxy_pyramid.views.errors.malformed_path_tween_factory", under=INGRESS)
     config.add_view_predicate("depproxy_raw_path", RawPathPredicate)
+    for route in (
+        "depproxy.jwt_auth",
+        "depproxy.v2_base",
+        "depproxy.v2_base_bare",
+        "depproxy.metrics",
+    ):
+        # Without a predicate it comes after the route's views, which all take GET and so HEAD.
+        config.add_view(
+            _method_not_allowed_view(("GET", "HEAD")),
+            route_name=route,
+            permission=NO_PERMISSION_REQUIRED,
+        )
     config.add_exception_view(registry_error_view, RegistryError)
     add_error_views(config, path_info=ADDON_PATHS)
     config.scan(".")

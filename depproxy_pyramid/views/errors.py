@@ -14,7 +14,7 @@ from pyramid.registry import Registry
 from pyramid.request import Request
 from pyramid.response import Response
 
-from ..errors import RegistryError
+from ..errors import RegistryError, code_for_status
 from ..permissions import Permission
 from ..throttle import SignInRefused
 
@@ -186,14 +186,14 @@ def forbidden_view(request: Request) -> Response:
 
 def notfound_view(request: Request) -> Response:
     return registry_response(
-        request, RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": request.path[:300]})
+        request, RegistryError(404, "UNSUPPORTED", "no such endpoint", {"path": request.path[:300]})
     )
 
 
 def http_exception_view(exc: HTTPException, request: Request) -> Response:
     return registry_response(
         request,
-        RegistryError(exc.code or 500, exc.title.upper().replace(" ", "_"), exc.explanation),
+        RegistryError(exc.code or 500, code_for_status(exc.code or 500), exc.explanation),
     )
 
 

@@ -9,9 +9,10 @@ from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.security import NO_PERMISSION_REQUIRED
 from pyramid.view import view_config
+from webob.byterange import Range
 
-from ..errors import RegistryError, unsupported
-from ..names import parse_repository, validate_digest, validate_reference
+from ..errors import RegistryError, method_not_allowed
+from ..names import is_digest, is_tag, parse_repository
 from ..permissions import Permission
 from ..requestlog import RequestRecord, Result
 from ..resources import RepositoryResource, Root
@@ -39,23 +40,54 @@ class RegistryTarget(RepositoryResource):
         self.reference = reference
 
 
+READ_ONLY = "the dependency proxy is a read-only registry: pushing is not supported"
+
+
 def registry_factory(request: Request) -> RegistryTarget:
-    if request.method not in PULL_METHODS:
-        raise unsupported("the dependency proxy is a read-only registry: pushing is not supported")
+    """The manifest or blob a `/v2/<name>/<kind>/<reference>` path names.
+
+    The path is judged before the method, as distribution's router does: a reference that
+    cannot exist is a 404 whatever the method, and only a resource that could exist answers a
+    push with 405.
+    """
     segments = request.matchdict["subpath"]
+    if segments[-2:] == ("blobs", "uploads") or segments[-3:-1] == ("blobs", "uploads"):
+        raise method_not_allowed((), READ_ONLY)
     if len(segments) < 3 or segments[-2] not in ("manifests", "blobs"):
         raise RegistryError(
             404,
-            "NOT_FOUND",
-            "the dependency proxy serves only manifests and blobs",
+            "UNSUPPORTED",
+            "no such endpoint: the dependency proxy serves manifests and blobs",
             {"path": request.path[:300]},
         )
     repository = parse_repository("/".join(segments[:-2]))
+    kind, reference = segments[-2], segments[-1]
+    if kind == "manifests" and not (is_tag(reference) or is_digest(reference)):
+        raise RegistryError(
+            404,
+            "MANIFEST_UNKNOWN",
+            "no such manifest: not a tag or digest",
+            {"reference": reference[:200]},
+        )
+    if kind == "blobs" and not is_digest(reference):
+        raise RegistryError(
+            404, "BLOB_UNKNOWN", "no such blob: not a digest", {"digest": reference[:200]}
+        )
+    if request.method not in PULL_METHODS:
+        raise method_not_allowed(PULL_METHODS, READ_ONLY)
     try:
         group = Root(request).find(repository.group_path)
     except KeyError:
         group = None
-    return RegistryTarget(repository, group, segments[-2], segments[-1])
+    return RegistryTarget(repository, group, kind, reference)
+
+
+def single_byte_range(request: Request) -> Range | None:
+    """The request's byte range when it asks for one; several are answered with the whole
+    blob (RFC 9110 lets a server ignore Range), never with only the first of them."""
+    if "," in request.headers.get("Range", ""):
+        return None
+    return request.range
 
 
 def release_request_connection(request: Request) -> None:
@@ -95,15 +127,14 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
     release_request_connection(request)
     try:
         if kind == "manifest":
-            reference = validate_reference(context.reference)
-            manifest = service.manifest(upstream, repository.image, reference)
+            manifest = service.manifest(upstream, repository.image, context.reference)
             return manifest_response(manifest, record)
         answer = service.blob(
             upstream,
             repository.image,
-            validate_digest(context.reference),
+            context.reference,
             head=request.method == "HEAD",
-            byte_range=request.range,
+            byte_range=single_byte_range(request),
         )
         return blob_response(request, answer, record)
     except RegistryError as error:
