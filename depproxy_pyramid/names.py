@@ -60,21 +60,37 @@ def is_tag(reference: str) -> bool:
 
 @dataclass(frozen=True)
 class Repository:
-    """`<group>/dependency_proxy/containers/<image>` split into its parts."""
+    """A proxied image: the group it is pulled through and the image's name upstream.
+
+    Clients name it `<group>/dependency_proxy/containers/<image>`, or, in the mirror group,
+    by the image name alone (`mirror_name`).
+    """
 
     group_path: str
     image: str
+    mirror_name: str | None = None
 
     @property
     def name(self) -> str:
+        """The repository name as clients use it, in token scopes and URLs."""
+        if self.mirror_name is not None:
+            return self.mirror_name
         return f"{self.group_path}/{PROXY_MARKER}/{self.image}"
 
 
-def parse_repository(name: str) -> Repository:
-    """Split a repository name; raise NAME_INVALID with the reason when it is not one of ours."""
+def parse_repository(name: str, mirror_group: str | None = None) -> Repository:
+    """Split a repository name; raise NAME_INVALID with the reason when it is not one of ours.
+
+    A name without the marker is an image of `mirror_group`, when there is one.
+    """
     if len(name) > MAX_REPOSITORY_NAME + len(PROXY_MARKER):
         raise name_invalid("repository name is too long")
     group_path, marker, image = name.partition(f"/{PROXY_MARKER}/")
+    if not marker and mirror_group is not None:
+        problem = image_problem(name)
+        if problem:
+            raise name_invalid(problem, {"name": name[:300]})
+        return Repository(mirror_group, name, mirror_name=name)
     if not marker:
         raise name_invalid(
             f"repository names have the form <group>/{PROXY_MARKER}/<image>",

@@ -21,6 +21,9 @@ INSTANCE_ADMIN = "depproxy:admin"
 # Every signed-in account, and no deploy token: a public group lets any account pull from it,
 # while a deploy token pulls only within its own group's hierarchy.
 SIGNED_IN_ACCOUNT = "depproxy:account"
+# A caller without credentials: on the token endpoint, or holding the token it was given there.
+# Only the mirror group, when the operator opens it, grants it anything (pulls).
+ANONYMOUS_PULLER = "depproxy:anonymous"
 
 
 def account_principal(account_id: str) -> str:

@@ -20,6 +20,7 @@ from .caching import MISSING, BoundedCache
 from .models import Group, Role, Visibility
 from .names import Repository, group_path_problem
 from .permissions import (
+    ANONYMOUS_PULLER,
     INSTANCE_ADMIN,
     SIGNED_IN_ACCOUNT,
     Permission,
@@ -93,10 +94,19 @@ class GroupDirectory:
 class GroupResource:
     """A group as the security policy sees it: its ACL, and whether its proxy is on."""
 
-    def __init__(self, group: GroupInfo, ancestors: list[GroupInfo], parent: object) -> None:
+    def __init__(
+        self,
+        group: GroupInfo,
+        ancestors: list[GroupInfo],
+        parent: object,
+        *,
+        anonymous_pull: bool = False,
+    ) -> None:
         self.group = group
         # Nearest first, ending at the top-level group; the group itself is included.
         self.ancestors = ancestors
+        # The mirror group the operator opened to callers without credentials.
+        self.anonymous_pull = anonymous_pull
         self.__name__ = group.name
         self.__parent__ = parent
 
@@ -129,6 +139,9 @@ class GroupResource:
         if self.group.visibility == Visibility.PUBLIC:
             acl.append((Allow, Everyone, Permission.VIEW))
             acl.append((Allow, SIGNED_IN_ACCOUNT, Permission.PULL))
+        if self.anonymous_pull:
+            # Pulls only: seeing the group (its settings, its members) still takes membership.
+            acl.append((Allow, ANONYMOUS_PULLER, Permission.PULL))
         acl.append(DENY_ALL)
         return acl
 
@@ -173,10 +186,16 @@ class Root:
         chain = directory.chain(self.request, path, fresh)
         if chain is None:
             raise KeyError(path)
+        settings = self.request.registry["depproxy.settings"]
         parent: object = self
         resource = None
         for depth, group in enumerate(chain):
-            resource = GroupResource(group, list(reversed(chain[: depth + 1])), parent)
+            resource = GroupResource(
+                group,
+                list(reversed(chain[: depth + 1])),
+                parent,
+                anonymous_pull=settings.mirror_anonymous and group.path == settings.mirror_group,
+            )
             parent = resource
         assert resource is not None
         return resource

@@ -17,7 +17,7 @@ import binascii
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import jwt
@@ -35,7 +35,9 @@ from .caching import MISSING, BoundedCache
 from .credentials import token_digest
 from .errors import RegistryError
 from .models import DeployToken, PersonalAccessToken, Role, Scope
+from .names import Repository
 from .permissions import (
+    ANONYMOUS_PULLER,
     INSTANCE_ADMIN,
     SIGNED_IN_ACCOUNT,
     Permission,
@@ -54,6 +56,7 @@ from .throttle import (
 
 JWT_ISSUER = "depproxy-pyramid"
 JWT_AUDIENCE = "dependency_proxy"
+ANONYMOUS_SUBJECT = "anonymous"
 MAX_BASIC_HEADER = 4096
 TOKEN_PATH = "/jwt/auth"
 # The add-on's own URLs: the registry API (clients require it at the root), the token endpoint
@@ -75,7 +78,9 @@ class DeployTokenRef:
 
 @dataclass(frozen=True)
 class Identity:
-    """An authenticated account or deploy token, and what its credential may be used for."""
+    """An account, a deploy token or the anonymous caller, and what its credential may be used
+    for. The anonymous caller (neither account nor deploy token) is the add-on's own business:
+    `request.identity` is None for it, as for anyone who presented nothing."""
 
     account: Account | None
     deploy_token: DeployTokenRef | None
@@ -84,23 +89,48 @@ class Identity:
     # The repositories a bearer token grants; None when the caller did not present one.
     access: frozenset[tuple[str, str]] | None = None
     via: str = field(default="password")
+    # The mirror group the token's grants of bare image names were for.
+    mirror_group: str | None = None
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.account is None and self.deploy_token is None
 
     @property
     def name(self) -> str:
         if self.account is not None:
             return self.account.name
-        assert self.deploy_token is not None
-        return self.deploy_token.username
+        if self.deploy_token is not None:
+            return self.deploy_token.username
+        return ANONYMOUS_SUBJECT
 
     @property
     def subject(self) -> str:
         if self.account is not None:
             return f"account:{self.account.id}"
-        assert self.deploy_token is not None
-        return f"deploy_token:{self.deploy_token.id}"
+        if self.deploy_token is not None:
+            return f"deploy_token:{self.deploy_token.id}"
+        return ANONYMOUS_SUBJECT
 
-    def may_pull_repository(self, repository_name: str) -> bool:
-        return self.access is None or (repository_name, "pull") in self.access
+    def may_pull_repository(self, repository: Repository) -> bool:
+        if self.access is None:
+            return True
+        # A grant of `library/alpine` was for the mirror group of its day: after the operator
+        # names another, the token opens nothing there.
+        if repository.mirror_name is not None and repository.group_path != self.mirror_group:
+            return False
+        return (repository.name, "pull") in self.access
+
+
+# What a request without credentials may do: pull where an ACL grants ANONYMOUS_PULLER that,
+# and nothing else (no api scope, no account, no membership).
+ANONYMOUS = Identity(
+    account=None,
+    deploy_token=None,
+    scopes=frozenset({Scope.READ_REGISTRY.value}),
+    principals=(ANONYMOUS_PULLER,),
+    via="anonymous",
+)
 
 
 def _is_live(expires_at: datetime | None, revoked: bool) -> bool:
@@ -180,8 +210,10 @@ def authenticate_basic(request: Request, username: str, password: str) -> Identi
 
 
 def issue_jwt(
-    settings: Settings, identity: Identity, access: list[dict]
+    settings: Settings, identity: Identity, access: list[dict], mirror_group: str | None = None
 ) -> tuple[str, int, datetime]:
+    """A registry token granting `access`; `mirror_group` is the group its grants of bare
+    image names are for, when it has any."""
     issued = int(time.time())
     claims = {
         "iss": JWT_ISSUER,
@@ -194,6 +226,8 @@ def issue_jwt(
         "jti": secrets.token_hex(16),
         "access": access,
     }
+    if mirror_group is not None:
+        claims["mirror"] = mirror_group
     if identity.account is not None and identity.account.personal_access_token_id is not None:
         # Checked again with the subject: revoking the token (or its expiry) ends this one too.
         claims["pat"] = identity.account.personal_access_token_id
@@ -240,6 +274,11 @@ class BearerClaims:
     personal_access_token_id: int | None
     access: frozenset[tuple[str, str]]
     expires: float
+    mirror_group: str | None
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.kind == ANONYMOUS_SUBJECT
 
 
 def bearer_claims(settings: Settings, token: str) -> BearerClaims | None:
@@ -249,9 +288,15 @@ def bearer_claims(settings: Settings, token: str) -> BearerClaims | None:
     access = _granted(claims)
     kind, _, subject_id = str(claims["sub"]).partition(":")
     pat = claims.get("pat")
-    if access is None or not subject_id or ("pat" in claims and type(pat) is not int):
+    mirror = claims.get("mirror")
+    if (
+        access is None
+        or not (subject_id or kind == ANONYMOUS_SUBJECT)
+        or ("pat" in claims and type(pat) is not int)
+        or not isinstance(mirror, str | None)
+    ):
         return None
-    return BearerClaims(kind, subject_id, pat, access, float(claims["exp"]))
+    return BearerClaims(kind, subject_id, pat, access, float(claims["exp"]), mirror)
 
 
 def subject_identity(
@@ -300,6 +345,8 @@ class BearerTokens:
         claims = self._verified(token)
         if claims is None:
             return None
+        if claims.is_anonymous:
+            return replace(ANONYMOUS, access=claims.access, mirror_group=claims.mirror_group)
         key = (claims.kind, claims.subject_id, claims.personal_access_token_id)
         subject = self._subjects.get(key)
         if subject is MISSING:
@@ -316,6 +363,7 @@ class BearerTokens:
             principals=subject.principals,
             access=claims.access,
             via="bearer",
+            mirror_group=claims.mirror_group,
         )
 
     def signed_in(self, identity: Identity) -> None:
@@ -387,15 +435,19 @@ class SecurityPolicy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.helper = ACLHelper()
-        self.identity_cache = RequestLocalCache(self._load_identity)
+        self.caller_cache = RequestLocalCache(self._load_caller)
         self.bearer_tokens = BearerTokens(settings)
 
-    def _load_identity(self, request: Request) -> Identity | None:
+    def _load_caller(self, request: Request) -> Identity | None:
         # Decided by path, not by route: pyramid_tm may ask who this is before routing.
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
         path = request.environ.get("PATH_INFO", "")
         if path == TOKEN_PATH:
+            if not header.strip():
+                # Docker Hub's anonymous token: it lets clients ask for the repository and
+                # read why they may not pull it. Wrong credentials are never taken for none.
+                return ANONYMOUS
             credentials = parse_basic(header) if scheme.lower() == "basic" else None
             identity = sign_in(request, *credentials) if credentials else None
             if identity is not None:
@@ -405,21 +457,29 @@ class SecurityPolicy:
             return self.bearer_tokens.identity(request, value.strip())
         return None
 
+    def caller(self, request: Request) -> Identity | None:
+        """Who is asking, the anonymous caller included; None: no valid credentials."""
+        return self.caller_cache.get_or_create(request)
+
     def identity(self, request: Request) -> Identity | None:
-        return self.identity_cache.get_or_create(request)
+        # The anonymous caller is nobody to the host's code, which reads `request.identity`.
+        caller = self.caller(request)
+        return None if caller is None or caller.is_anonymous else caller
 
     def authenticated_userid(self, request: Request) -> str | None:
         identity = self.identity(request)
         return identity.subject if identity is not None else None
 
     def effective_principals(self, request: Request) -> list[str]:
-        identity = self.identity(request)
-        if identity is None:
+        caller = self.caller(request)
+        if caller is None:
             return [Everyone]
-        return [Everyone, Authenticated, *identity.principals]
+        if caller.is_anonymous:
+            return [Everyone, *caller.principals]
+        return [Everyone, Authenticated, *caller.principals]
 
     def permits(self, request: Request, context: object, permission: str):
-        identity = self.identity(request)
+        identity = self.caller(request)
         if identity is not None:
             if permission == Permission.PULL and not (
                 {Scope.READ_REGISTRY.value, Scope.API.value} & identity.scopes
@@ -431,7 +491,7 @@ class SecurityPolicy:
             if (
                 permission == Permission.PULL
                 and repository is not None
-                and not identity.may_pull_repository(repository.name)
+                and not identity.may_pull_repository(repository)
             ):
                 return Denied("the token does not grant pull on this repository")
         return self.helper.permits(context, self.effective_principals(request), permission)
@@ -484,6 +544,11 @@ class HostAndAddonPolicy:
         if host is None:
             raise AttributeError(name)
         return getattr(host, name)
+
+
+def caller(request: Request) -> Identity | None:
+    """Who is asking on the add-on's URLs, the anonymous caller included (see `Identity`)."""
+    return request.registry.getUtility(ISecurityPolicy).addon.caller(request)
 
 
 def _compose(registry, addon: SecurityPolicy) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .names import group_path_problem
+
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 _HOST_RE = re.compile(r"^(localhost|[a-z0-9-]+(\.[a-z0-9-]+)+)(:[0-9]{1,5})?$")
 # Plain path segments only: nginx takes the header's value as a URI, so `?`, `%` or `..` would
@@ -66,6 +68,11 @@ class Settings:
     # cached blobs: the longest a change made elsewhere (a removed member, a disabled group)
     # goes unnoticed. 0 looks everything up on every request.
     lookup_cache_seconds: float
+    # The group that answers image names without a group at the root (`/v2/library/alpine/...`),
+    # as Docker's `registry-mirrors` and containerd's mirrors ask for them; None: no such group.
+    mirror_group: str | None
+    # Whether callers without credentials may pull through the mirror group.
+    mirror_anonymous: bool
     raw: Mapping[str, str] = field(repr=False)
 
 
@@ -162,6 +169,16 @@ def _accel_redirect(settings: Mapping[str, str], key: str, storage: str) -> str 
     return prefix
 
 
+def _group_path(settings: Mapping[str, str], key: str) -> str | None:
+    path = (settings.get(key) or "").strip().strip("/") or None
+    if path is None:
+        return None
+    problem = group_path_problem(path)
+    if problem:
+        raise ConfigurationError(key, f"{path!r} is not a group path: {problem}")
+    return path
+
+
 def parse_settings(settings: Mapping[str, str]) -> Settings:
     """Validate the `depproxy.*` keys; raise ConfigurationError naming the first bad key."""
     development = _bool(settings, "depproxy.development", False)
@@ -190,6 +207,12 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
     encryption_keys = _words(settings, "depproxy.encryption.keys")
     if any(len(key) < 32 for key in encryption_keys):
         raise ConfigurationError("depproxy.encryption.keys", "each key has at least 32 characters")
+    mirror_group = _group_path(settings, "depproxy.mirror.group")
+    mirror_anonymous = _bool(settings, "depproxy.mirror.anonymous", False)
+    if mirror_anonymous and mirror_group is None:
+        raise ConfigurationError(
+            "depproxy.mirror.anonymous", "needs depproxy.mirror.group: the group it opens"
+        )
     spool_share = _number(settings, "depproxy.spool.max_disk_share", 0.5, minimum=0.01, kind=float)
     if spool_share > 1:
         raise ConfigurationError("depproxy.spool.max_disk_share", "is a share between 0 and 1")
@@ -244,5 +267,7 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         lookup_cache_seconds=_number(
             settings, "depproxy.lookup_cache_seconds", 5.0, minimum=0, kind=float
         ),
+        mirror_group=mirror_group,
+        mirror_anonymous=mirror_anonymous,
         raw=dict(settings),
     )

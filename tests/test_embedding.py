@@ -145,7 +145,16 @@ def test_each_side_keeps_its_own_policy_whenever_the_host_sets_one(
     # The host's user, with `role:admin` and even a forged `depproxy:admin`, is nobody here.
     host_user = {"X-Host-User": "root"}
     assert app.get(f"/v2/{PRIVATE}/manifests/latest", headers=host_user, status=401)
-    assert app.get("/jwt/auth", headers=host_user, status=401)
+    # At the token endpoint they are a caller without credentials, whose token grants nothing.
+    anonymous = app.get(
+        "/jwt/auth", params={"scope": f"repository:{PRIVATE}:pull"}, headers=host_user
+    )
+    assert _access(anonymous) == []
+    assert app.get(
+        f"/v2/{PRIVATE}/manifests/latest",
+        headers={**host_user, "Authorization": f"Bearer {anonymous.json['token']}"},
+        status=401,
+    ).headers["WWW-Authenticate"].endswith(',error="insufficient_scope"')
     _assert_a_member_pulls(app)
 
 

@@ -11,13 +11,16 @@ from ..errors import RegistryError
 from ..names import Repository, parse_repository
 from ..permissions import Permission
 from ..resources import RepositoryResource, Root
-from ..security import issue_jwt, sign_in_refusal
+from ..security import caller, issue_jwt, sign_in_refusal
+from ..settings import Settings
 from .errors import SERVICE, too_many_requests, unauthorized
 
 MAX_SCOPES = 32
 
 
-def _requested_scopes(request: Request) -> list[tuple[Repository, set[str]]]:
+def _requested_scopes(
+    request: Request, settings: Settings
+) -> list[tuple[Repository, set[str]]]:
     """Each `repository:<name>:<actions>` scope, from repeated and space-separated parameters."""
     raw = [item for value in request.GET.getall("scope") for item in value.split()]
     if len(raw) > MAX_SCOPES:
@@ -40,7 +43,9 @@ def _requested_scopes(request: Request) -> list[tuple[Repository, set[str]]]:
                 f"scope type {kind[:50]!r} is not supported; only repository scopes can be granted",
                 {"scope": item[:300]},
             )
-        requested.append((parse_repository(name), set(actions.split(","))))
+        requested.append(
+            (parse_repository(name, settings.mirror_group), set(actions.split(",")))
+        )
     return requested
 
 
@@ -52,7 +57,10 @@ def _requested_scopes(request: Request) -> list[tuple[Repository, set[str]]]:
     permission=NO_PERMISSION_REQUIRED,
 )
 def jwt_auth(request: Request) -> dict:
-    identity = request.identity
+    """A token for the pulls the caller may make; a caller without credentials gets one too,
+    for what the operator opened to everyone (Docker Hub does the same): its pulls of anything
+    else then get the registry's `insufficient_scope` answer, which clients explain."""
+    identity = caller(request)
     refusal = sign_in_refusal(request)
     if refusal is not None:
         raise too_many_requests(refusal)
@@ -67,9 +75,11 @@ def jwt_auth(request: Request) -> dict:
     if service is not None and service != SERVICE:
         raise RegistryError(400, "UNSUPPORTED", f"unknown service; this is {SERVICE!r}")
 
+    settings: Settings = request.registry["depproxy.settings"]
     root: Root = request.root
     access = []
-    for repository, actions in _requested_scopes(request):
+    mirrored = False
+    for repository, actions in _requested_scopes(request, settings):
         if "pull" not in actions:
             continue
         try:
@@ -80,9 +90,10 @@ def jwt_auth(request: Request) -> dict:
             continue
         if request.has_permission(Permission.PULL, RepositoryResource(repository, group)):
             access.append({"type": "repository", "name": repository.name, "actions": ["pull"]})
+            mirrored = mirrored or repository.mirror_name is not None
 
     token, expires_in, issued_at = issue_jwt(
-        request.registry["depproxy.settings"], identity, access
+        settings, identity, access, settings.mirror_group if mirrored else None
     )
     return {
         "token": token,
@@ -103,7 +114,9 @@ def jwt_auth(request: Request) -> dict:
     permission=NO_PERMISSION_REQUIRED,
 )
 def v2_base(request: Request) -> Response:
-    if request.identity is None:
+    # An anonymous token is a valid token here, as on Docker Hub; what it may pull is decided
+    # per repository.
+    if caller(request) is None:
         raise unauthorized(
             request,
             "invalid or expired token" if request.authorization else "authentication required",

@@ -16,6 +16,7 @@ from pyramid.response import Response
 
 from ..errors import RegistryError, code_for_status
 from ..permissions import Permission
+from ..security import caller
 from ..throttle import SignInRefused
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,26 @@ def unauthorized(request: Request, message: str, scope: str | None = None) -> Re
         "UNAUTHORIZED",
         message,
         headers={"WWW-Authenticate": challenge(request, scope)},
+    )
+
+
+def insufficient_scope(request: Request, name: str, message: str) -> RegistryError:
+    """Docker Hub's answer to a token that does not grant pulling `name`.
+
+    Clients read `error="insufficient_scope"` as "denied": Docker prints "pull access denied
+    for …, repository does not exist or may require 'docker login'", containerd "pull access
+    denied, repository does not exist or may require authorization".
+    """
+    return RegistryError(
+        401,
+        "UNAUTHORIZED",
+        message,
+        [{"Type": "repository", "Name": name, "Action": "pull"}],
+        headers={
+            "WWW-Authenticate": challenge(
+                request, f"repository:{name}:pull", "insufficient_scope"
+            )
+        },
     )
 
 
@@ -156,11 +177,20 @@ def forbidden_view(request: Request) -> Response:
     context = request.context
     repository = getattr(context, "repository", None)
     scope = f"repository:{repository.name}:pull" if repository is not None else None
-    if request.identity is None:
+    identity = caller(request)
+    if identity is None:
         if request.authorization is not None:
             error = unauthorized(request, "invalid or expired credentials", scope)
         else:
             error = unauthorized(request, "authentication required", scope)
+        return registry_response(request, error)
+    if identity.is_anonymous:
+        # The same answer whether the group is private, missing or disabled: nothing about it
+        # reaches a caller without credentials.
+        if repository is None:
+            error = unauthorized(request, "authentication required")
+        else:
+            error = insufficient_scope(request, repository.name, "authentication required")
         return registry_response(request, error)
     group = getattr(context, "group", None)
     if group is None or not request.has_permission(Permission.VIEW, group):
@@ -172,12 +202,9 @@ def forbidden_view(request: Request) -> Response:
         error = RegistryError(
             403, "DENIED", f"the dependency proxy is disabled for group {group.path!r}"
         )
-    elif repository is not None and not request.identity.may_pull_repository(repository.name):
-        error = RegistryError(
-            401,
-            "UNAUTHORIZED",
-            "the token does not grant pull on this repository",
-            headers={"WWW-Authenticate": challenge(request, scope, "insufficient_scope")},
+    elif repository is not None and not identity.may_pull_repository(repository):
+        error = insufficient_scope(
+            request, repository.name, "the token does not grant pull on this repository"
         )
     else:
         error = RegistryError(403, "DENIED", "requested access to the resource is denied")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pyramid.request import Request
@@ -12,7 +13,7 @@ from pyramid.view import view_config
 from webob.byterange import Range
 
 from ..errors import RegistryError, method_not_allowed
-from ..names import is_digest, is_tag, parse_repository
+from ..names import Repository, is_digest, is_tag, parse_repository
 from ..permissions import Permission
 from ..requestlog import RequestRecord, Result
 from ..resources import RepositoryResource, Root
@@ -60,7 +61,10 @@ def registry_factory(request: Request) -> RegistryTarget:
             "no such endpoint: the dependency proxy serves manifests and blobs",
             {"path": request.path[:300]},
         )
-    repository = parse_repository("/".join(segments[:-2]))
+    settings = request.registry["depproxy.settings"]
+    repository = parse_repository("/".join(segments[:-2]), settings.mirror_group)
+    if repository.mirror_name is not None and "ns" in request.GET:
+        repository = _in_namespace(request, repository, request.GET["ns"])
     kind, reference = segments[-2], segments[-1]
     if kind == "manifests" and not (is_tag(reference) or is_digest(reference)):
         raise RegistryError(
@@ -88,6 +92,27 @@ def single_byte_range(request: Request) -> Range | None:
     if "," in request.headers.get("Range", ""):
         return None
     return request.range
+
+
+def _in_namespace(request: Request, repository: Repository, namespace: str) -> Repository:
+    """The mirror's image for a name of registry `namespace` (containerd's `?ns=`).
+
+    The mirror group mirrors docker.io, whatever the default upstream's URL: Docker's
+    `registry-mirrors` exist for it alone. The default upstream's own host name means it too;
+    an extra upstream's host sends the image there, as that host's prefix on a group path would.
+    """
+    upstreams = _service(request).upstreams
+    registry = upstreams.registry_host(namespace)
+    if registry == upstreams.default_host or (registry is None and namespace == "docker.io"):
+        return repository
+    if registry is None:
+        raise RegistryError(
+            404,
+            "NAME_UNKNOWN",
+            "this registry mirrors docker.io and the configured upstreams only",
+            {"name": repository.name, "ns": namespace[:100]},
+        )
+    return replace(repository, image=f"{registry}/{repository.image}")
 
 
 def release_request_connection(request: Request) -> None:
