@@ -10,12 +10,20 @@ from pathlib import Path
 import requests
 from sqlalchemy import func, select
 
-from depproxy_pyramid.credentials import hash_password
+from depproxy_pyramid.credentials import (
+    DEPLOY_TOKEN_PREFIX,
+    PERSONAL_TOKEN_PREFIX,
+    hash_password,
+    new_token,
+    token_digest,
+)
 from depproxy_pyramid.models import (
     CachedBlob,
     CachedManifest,
+    DeployToken,
     Group,
     Membership,
+    PersonalAccessToken,
     ProxySettings,
     Role,
     User,
@@ -53,6 +61,39 @@ class Proxy:
             session.add(group)
             session.add(Membership(group=group, user=puller, role=Role.DEVELOPER))
         return path
+
+    def personal_access_token(self) -> tuple[str, str]:
+        """Basic credentials of a fresh `read_registry` personal access token of the puller."""
+        secret = new_token(PERSONAL_TOKEN_PREFIX)
+        manager, session = self.db.session()
+        with manager:
+            puller = session.scalar(select(User).where(User.username == PULLER[0]))
+            session.add(
+                PersonalAccessToken(
+                    user=puller,
+                    name=f"t-{secret[-8:]}",
+                    token_digest=token_digest(secret),
+                    scopes="read_registry",
+                )
+            )
+        return PULLER[0], secret
+
+    def deploy_token(self, group: str) -> tuple[str, str]:
+        """Basic credentials of a fresh `read_registry` deploy token of `group`."""
+        secret = new_token(DEPLOY_TOKEN_PREFIX)
+        username = f"deploy-{secret[-10:].lower()}"
+        manager, session = self.db.session()
+        with manager:
+            session.add(
+                DeployToken(
+                    group=session.scalar(select(Group).where(Group.path == group)),
+                    name=username,
+                    username=username,
+                    token_digest=token_digest(secret),
+                    scopes="read_registry",
+                )
+            )
+        return username, secret
 
     def ref(self, group: str, image: str) -> str:
         return f"{self.host}/{group}/{PROXY_MARKER}/{image}"

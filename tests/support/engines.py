@@ -10,11 +10,14 @@ no container runs, so no mounts, cgroups or networks are set up.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,11 +59,19 @@ class Containerd:
             raise AssertionError(f"ctr {' '.join(args)} failed:\n{result.stderr}")
         return result
 
-    def pull(self, reference: str, *, credentials=PULLER, check: bool = True):
-        """`ctr images pull` over plain HTTP as `credentials` (None: anonymously), unpacked."""
+    def pull(
+        self,
+        reference: str,
+        *,
+        credentials=PULLER,
+        check: bool = True,
+        options: tuple[str, ...] = ("--plain-http",),
+    ):
+        """`ctr images pull` as `credentials` (None: anonymously), unpacked; `options` say how
+        to reach the registry (plain HTTP by default, or `--hosts-dir`)."""
         user = ("--user", f"{credentials[0]}:{credentials[1]}") if credentials else ()
         return self.ctr(
-            "images", "pull", "--plain-http", "--snapshotter", "native", *user, reference,
+            "images", "pull", *options, "--snapshotter", "native", *user, reference,
             check=check,
         )  # fmt: skip
 
@@ -81,13 +92,23 @@ class DockerEngine:
         self.home = home
         self.socket = home / "docker.sock"
 
-    def __call__(self, *args: str, config: Path, check: bool = True) -> subprocess.CompletedProcess:
-        """The docker client with its own config directory (logins) against this engine."""
+    def __call__(
+        self,
+        *args: str,
+        config: Path,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess:
+        """The docker client with its own config directory (logins) against this engine;
+        `env` adds to the client's environment, `input` is its stdin."""
         result = subprocess.run(
             [DOCKER_CLIENT, "--config", str(config), "-H", f"unix://{self.socket}", *args],
             capture_output=True,
             text=True,
             timeout=180,
+            env={**os.environ, **(env or {})},
+            input=input,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"docker {' '.join(args)} failed:\n{result.stderr}")
@@ -104,7 +125,8 @@ class DockerEngine:
     def remove_all(self) -> None:
         ids = self("images", "--all", "--quiet", config=self.home).stdout.split()
         if ids:
-            self("rmi", "--force", *sorted(set(ids)), config=self.home)
+            # Newest first, as listed: a built image goes before the image it was built from.
+            self("rmi", "--force", *dict.fromkeys(ids), config=self.home)
 
 
 def _require(binary: str) -> None:
@@ -142,25 +164,32 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def docker_engine(containerd_daemon: Containerd) -> Iterator[DockerEngine]:
+@contextmanager
+def running_dockerd(containerd: Containerd, *options: str) -> Iterator[DockerEngine]:
+    """A Docker engine of its own on `containerd`, with `options` added to its command line."""
     _require("dockerd")
     _require(DOCKER_CLIENT)
     home = Path(tempfile.mkdtemp(prefix="dockerd-"))
     engine = DockerEngine(home)
+    # containerd namespaces are letters and digits, with single separators between them.
+    namespace = re.sub(r"[^A-Za-z0-9]", "", home.name)
     command = [
         "dockerd",
         "--data-root", str(home / "root"),
         "--exec-root", str(home / "exec"),
         "--pidfile", str(home / "dockerd.pid"),
         "--host", f"unix://{engine.socket}",
-        "--containerd", str(containerd_daemon.socket),
+        "--containerd", str(containerd.socket),
+        # Engines sharing one containerd keep out of each other's way.
+        "--containerd-namespace", namespace,
+        "--containerd-plugins-namespace", f"{namespace}-plugins",
         "--storage-driver", "vfs",
         "--bridge", "none",
         "--iptables=false",
         "--ip6tables=false",
         # Every test proxy listens on loopback over plain HTTP, each on a port of its own.
         "--insecure-registry", "127.0.0.0/8",
+        *options,
     ]  # fmt: skip
     process = _start(command, home / "dockerd.log", engine.ready, "dockerd")
     try:
@@ -168,6 +197,12 @@ def docker_engine(containerd_daemon: Containerd) -> Iterator[DockerEngine]:
     finally:
         stop_process(process, timeout=20)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(containerd_daemon: Containerd) -> Iterator[DockerEngine]:
+    with running_dockerd(containerd_daemon) as engine:
+        yield engine
 
 
 @pytest.fixture
