@@ -1,5 +1,9 @@
 """Who is asking on the add-on's URLs: HTTP Basic on the token endpoint, Bearer JWTs on `/v2`.
 
+A token request without credentials is the anonymous caller, as on Docker Hub: its token opens
+only what an ACL grants `ANONYMOUS_PULLER` (an open mirror group), and it is no one to the
+host: `request.identity` is None for it.
+
 A Pyramid application has one security policy. The add-on's `SecurityPolicy` judges the add-on's
 URLs only; `HostAndAddonPolicy` puts it beside whatever policy the host portal has (or none), so
 the host's URLs keep theirs and the add-on's never depend on the host having one.
