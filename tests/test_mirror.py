@@ -342,6 +342,7 @@ def target(app: webtest.TestApp, path: str):
         ("/v2/library/alpine/manifests/latest", "library/alpine"),
         ("/v2/alpine/manifests/latest", "alpine"),
         ("/v2/library/alpine/manifests/latest?ns=docker.io", "library/alpine"),
+        ("/v2/library/alpine/manifests/latest?ns=Docker.IO", "library/alpine"),
         # The default upstream's own host name stands for it too.
         ("/v2/library/alpine/manifests/latest?ns=127.0.0.1:9", "library/alpine"),
         ("/v2/owner/app/blobs/sha256:" + "a" * 64 + "?ns=registry.example.com",

@@ -103,7 +103,8 @@ def _in_namespace(request: Request, repository: Repository, namespace: str) -> R
     """
     upstreams = _service(request).upstreams
     registry = upstreams.registry_host(namespace)
-    if registry == upstreams.default_host or (registry is None and namespace == "docker.io"):
+    docker_io = namespace.lower() == "docker.io"
+    if registry == upstreams.default_host or (registry is None and docker_io):
         return repository
     if registry is None:
         raise RegistryError(
