@@ -147,8 +147,9 @@ def test_the_mirror_group_must_be_a_group_path():
 def test_a_caller_without_credentials_gets_a_token_that_grants_nothing(no_mirror):
     names = [in_group(g) for g in ("pub", "priv", "priv/nested", "off", "missing")]
     response = no_mirror.get(
-        "/jwt/auth", params=[("service", "dependency_proxy")] + [("scope", f"repository:{n}:pull")
-                                                                  for n in names]
+        "/jwt/auth",
+        params=[("service", "dependency_proxy")]
+        + [("scope", f"repository:{n}:pull") for n in names],
     )
     assert response.json["expires_in"] == 900
     claims = claims_of(response.json["token"])
@@ -277,9 +278,7 @@ def test_an_anonymous_mirror_of_a_disabled_group_pulls_nothing(make_app, world):
     assert_insufficient_scope(pull(app, "library/alpine", anonymous), "library/alpine")
 
 
-def test_mirror_tokens_open_only_the_mirror_and_group_tokens_only_their_group(
-    closed_mirror, world
-):
+def test_mirror_tokens_open_only_the_mirror_and_group_tokens_only_their_group(closed_mirror, world):
     guest = world.credentials["guest"]
     mirror_only = token(closed_mirror, guest, "library/alpine")
     assert claims_of(mirror_only)["mirror"] == MIRROR
@@ -345,8 +344,10 @@ def target(app: webtest.TestApp, path: str):
         ("/v2/library/alpine/manifests/latest?ns=Docker.IO", "library/alpine"),
         # The default upstream's own host name stands for it too.
         ("/v2/library/alpine/manifests/latest?ns=127.0.0.1:9", "library/alpine"),
-        ("/v2/owner/app/blobs/sha256:" + "a" * 64 + "?ns=registry.example.com",
-         "registry.example.com/owner/app"),
+        (
+            "/v2/owner/app/blobs/sha256:" + "a" * 64 + "?ns=registry.example.com",
+            "registry.example.com/owner/app",
+        ),
     ],
 )
 def test_bare_names_go_to_the_mirror_group_and_ns_picks_a_configured_upstream(
@@ -365,12 +366,25 @@ def test_group_paths_are_unchanged_by_the_mirror(closed_mirror):
 
 
 @pytest.mark.parametrize("ns", ["quay.io", "ghcr.io", "127.0.0.1:5000", "docker.io.evil.com", ""])
-def test_an_unconfigured_ns_is_a_clear_404_before_anything_else(open_mirror, ns):
-    anonymous = token(open_mirror, None, "library/alpine")
-    for credentials in ({}, {"Authorization": f"Bearer {anonymous}"}):
-        refused = open_mirror.get(
-            "/v2/library/alpine/manifests/latest", params={"ns": ns}, headers=credentials,
-            status=404,
-        )
+def test_an_unconfigured_ns_is_a_clear_404_for_those_who_may_pull_from_the_mirror(
+    request, world, ns
+):
+    """Never an upstream request; and callers who may not pull learn nothing of which
+    registries are configured: they get the mirror group's usual refusal."""
+    open_mirror, closed_mirror = (
+        request.getfixturevalue(f) for f in ("open_mirror", "closed_mirror")
+    )
+    name = "library/alpine"
+    unmirrored = {"name": name, "ns": ns}
+    for app, credentials in ((open_mirror, None), (closed_mirror, world.credentials["guest"])):
+        refused = pull(app, name, token(app, credentials, name), ns=ns)
+        assert (refused.status_int, refused.json["errors"][0]["detail"]) == (404, unmirrored)
         assert refused.json["errors"][0]["code"] == "NAME_UNKNOWN"
-        assert refused.json["errors"][0]["detail"] == {"name": "library/alpine", "ns": ns}
+    assert pull(open_mirror, name, None, ns=ns).status_int == 401
+    assert_insufficient_scope(
+        pull(closed_mirror, name, token(closed_mirror, None, name), ns=ns), name
+    )
+    stranger = pull(
+        closed_mirror, name, token(closed_mirror, world.credentials["stranger"], name), ns=ns
+    )
+    assert (stranger.status_int, stranger.json["errors"][0]["detail"]) == (404, {"name": name})

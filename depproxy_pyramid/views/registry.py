@@ -41,6 +41,18 @@ class RegistryTarget(RepositoryResource):
         self.reference = reference
 
 
+class UnmirroredTarget(RegistryTarget):
+    """A name of a registry the mirror group does not mirror (containerd's `?ns=`).
+
+    Refused with 404 only once the caller may pull from the mirror group: callers who may not
+    get the group's usual refusal, and learn nothing of which registries are configured.
+    """
+
+    def __init__(self, repository, group, kind: str, reference: str, namespace: str) -> None:
+        super().__init__(repository, group, kind, reference)
+        self.namespace = namespace
+
+
 READ_ONLY = "the dependency proxy is a read-only registry: pushing is not supported"
 
 
@@ -63,8 +75,8 @@ def registry_factory(request: Request) -> RegistryTarget:
         )
     settings = request.registry["depproxy.settings"]
     repository = parse_repository("/".join(segments[:-2]), settings.mirror_group)
-    if repository.mirror_name is not None and "ns" in request.GET:
-        repository = _in_namespace(request, repository, request.GET["ns"])
+    namespace = request.GET.get("ns") if repository.mirror_name is not None else None
+    mirrored = repository if namespace is None else _in_namespace(request, repository, namespace)
     kind, reference = segments[-2], segments[-1]
     if kind == "manifests" and not (is_tag(reference) or is_digest(reference)):
         raise RegistryError(
@@ -83,7 +95,10 @@ def registry_factory(request: Request) -> RegistryTarget:
         group = Root(request).find(repository.group_path)
     except KeyError:
         group = None
-    return RegistryTarget(repository, group, kind, reference)
+    if mirrored is None:
+        assert namespace is not None
+        return UnmirroredTarget(repository, group, kind, reference, namespace)
+    return RegistryTarget(mirrored, group, kind, reference)
 
 
 def single_byte_range(request: Request) -> Range | None:
@@ -94,8 +109,9 @@ def single_byte_range(request: Request) -> Range | None:
     return request.range
 
 
-def _in_namespace(request: Request, repository: Repository, namespace: str) -> Repository:
-    """The mirror's image for a name of registry `namespace` (containerd's `?ns=`).
+def _in_namespace(request: Request, repository: Repository, namespace: str) -> Repository | None:
+    """The mirror's image for a name of registry `namespace` (containerd's `?ns=`); None when
+    that registry is not one the proxy pulls from.
 
     The mirror group mirrors docker.io, whatever the default upstream's URL: Docker's
     `registry-mirrors` exist for it alone. The default upstream's own host name means it too;
@@ -107,12 +123,7 @@ def _in_namespace(request: Request, repository: Repository, namespace: str) -> R
     if registry == upstreams.default_host or (registry is None and docker_io):
         return repository
     if registry is None:
-        raise RegistryError(
-            404,
-            "NAME_UNKNOWN",
-            "this registry mirrors docker.io and the configured upstreams only",
-            {"name": repository.name, "ns": namespace[:100]},
-        )
+        return None
     return replace(repository, image=f"{registry}/{repository.image}")
 
 
@@ -167,6 +178,22 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
         detail = error.detail if isinstance(error.detail, dict) else {}
         record.failed(detail.get("upstream_status"))
         raise
+
+
+# More particular than the registry view's context: Pyramid picks this view for these targets.
+@view_config(
+    route_name="depproxy.registry",
+    context=UnmirroredTarget,
+    request_method=PULL_METHODS,
+    permission=Permission.PULL,
+)
+def unmirrored_view(context: UnmirroredTarget, request: Request) -> Response:
+    raise RegistryError(
+        404,
+        "NAME_UNKNOWN",
+        "this registry mirrors docker.io and the configured upstreams only",
+        {"name": context.repository.name, "ns": context.namespace[:100]},
+    )
 
 
 def manifest_response(manifest: ServedManifest, record: RequestRecord) -> Response:
