@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 
@@ -19,6 +19,14 @@ from .errors import (
     UpstreamBadDigest,
     UpstreamRefused,
     UpstreamUnavailable,
+)
+from .listing import (
+    MAX_REFERRERS_SIZE,
+    MAX_TAG_LIST_SIZE,
+    NOT_AN_INDEX,
+    TagPage,
+    referrer_descriptors,
+    tag_page,
 )
 from .tokens import Credentials, RealmPolicy, TokenCache
 from .transport import (
@@ -304,6 +312,66 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"upstream returned the wrong range for {what}")
         total = content_range.group(3)
         return BlobResponse(resp, None if total == "*" else int(total))
+
+    def list_tags(
+        self,
+        name: str,
+        n: int | None = None,
+        last: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> TagPage:
+        """A page of the repository's tags, `n` long after `last`, as far as upstream pages."""
+        _check_name(name)
+        if last is not None and TAG_RE.match(last) is None:
+            raise UpstreamRefused(f"refusing malformed tag {last!r}")
+        query = urlencode(
+            [(key, value) for key, value in (("n", n), ("last", last)) if value is not None]
+        )
+        what = f"tag list of {name}"
+        resp = self._registry_request(
+            "GET",
+            name,
+            f"tags/list?{query}" if query else "tags/list",
+            credentials,
+            {"Accept": "application/json"},
+        )
+        raise_for_status(resp, what)
+        try:
+            content = read_capped(resp, MAX_TAG_LIST_SIZE, what)
+        finally:
+            resp.close()
+        try:
+            return tag_page(content, resp.headers.get("Link", ""))
+        except UpstreamInvalid as error:
+            error.detail = f"{what}: {error.detail}"
+            raise
+
+    def get_referrers(
+        self, name: str, digest: str, credentials: Credentials | None = None
+    ) -> tuple[dict, ...]:
+        """The descriptors of the manifests whose subject is `digest`, from upstream's
+        referrers API; UpstreamNotFound when upstream has none (distribution 2.x)."""
+        _check_name(name)
+        _check_digest(digest)
+        what = f"referrers of {name}@{digest}"
+        resp = self._registry_request(
+            "GET", name, f"referrers/{digest}", credentials, {"Accept": OCI_INDEX}
+        )
+        raise_for_status(resp, what)
+        try:
+            content = read_capped(resp, MAX_REFERRERS_SIZE, what)
+        finally:
+            resp.close()
+        content_type = content_type_of(resp)
+        try:
+            if content_type not in _GENERIC_CONTENT_TYPES | {OCI_INDEX}:
+                raise UpstreamInvalid(NOT_AN_INDEX, detail=f"Content-Type {content_type[:100]!r}")
+            # Upstream's Link to a further page, if any, is not followed: registries page
+            # referrers only past hundreds of them.
+            return referrer_descriptors(content, OCI_INDEX)
+        except UpstreamInvalid as error:
+            error.detail = f"{what}: {error.detail}"
+            raise
 
     # -- HTTP ----------------------------------------------------------------------------------
 
