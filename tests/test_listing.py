@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from depproxy_pyramid.credentials import hash_password
 from depproxy_pyramid.models import User
-from tests.proxy import PROXY_MARKER, PULLER
+from tests.proxy import PROXY_MARKER, PULLER, running_proxy
 from tests.support import oci
 from tests.support.registry import skopeo
 from tests.support.relay import Fault
@@ -155,6 +155,25 @@ def test_without_a_known_list_the_upstream_error_is_passed_on(proxy, upstream, g
     assert answer.status_code == 429
     assert answer.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
     assert answer.headers["Retry-After"] == "7"
+
+
+def test_within_the_freshness_time_upstream_is_not_asked_again(upstream, tmp_path):
+    settings = {"depproxy.manifest.freshness_seconds": "60"}
+    with running_proxy(
+        tmp_path, f"sqlite:///{tmp_path / 'proxy.sqlite'}", upstream.url, **settings
+    ) as proxy:
+        group = proxy.new_group("fresh")
+        digest = upstream.digest_of("library/alpine", "latest")
+        first = tags_of(proxy, group, "library/alpine")
+        assert referrers_of(proxy, group, "library/alpine", digest).status_code == 200
+        assert upstream.relay.count(kind="tags") >= 1
+        assert upstream.relay.count(kind="referrers") >= 1
+        upstream.relay.reset_counts()
+        assert tags_of(proxy, group, "library/alpine").json() == first.json()
+        assert referrers_of(proxy, group, "library/alpine", digest).status_code == 200
+        assert upstream.relay.count() == 0
+        proxy.server.wait_for_log("kind=tags reference=list user=puller status=200 result=hit")
+        proxy.server.wait_for_log(f"reference={digest} user=puller status=200 result=hit")
 
 
 def _stranger(proxy) -> tuple[str, str]:
