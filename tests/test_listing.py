@@ -120,6 +120,22 @@ def test_bad_paging_is_a_clear_400(proxy, upstream, group, query, parameter):
     assert upstream.relay.count(kind="tags") == 0
 
 
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE"])
+def test_a_push_to_a_list_gets_405_with_allow(proxy, upstream, group, method):
+    token = proxy.token(group, "library/alpine")
+    name = f"{group}/{PROXY_MARKER}/library/alpine"
+    for path in ("tags/list", f"referrers/sha256:{'a' * 64}"):
+        answer = requests.request(
+            method,
+            f"{proxy.url}/v2/{name}/{path}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert answer.status_code == 405
+        assert answer.headers["Allow"] == "GET, HEAD"
+        assert answer.json()["errors"][0]["code"] == "UNSUPPORTED"
+
+
 def test_an_unknown_repository_is_name_unknown(proxy, upstream, group):
     answer = tags_of(proxy, group, "no/such/image")
     assert answer.status_code == 404
