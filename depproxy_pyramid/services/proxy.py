@@ -820,7 +820,8 @@ class ProxyService:
             page = client.list_tags(name, query.n, query.last, credentials=credentials)
             return tag_list_content(*client_page(page, query))
 
-        return self._listing(group, image, ListingKind.TAGS, query.encoded, fetch)
+        what = f"the tag list of {image}" + (f"?{query.encoded}" if query.encoded else "")
+        return self._listing(group, image, ListingKind.TAGS, query.encoded, what, fetch)
 
     def referrers(self, group: GroupUpstream, image: str, digest: str) -> Listing:
         """The descriptors of the manifests whose subject is `digest`, all artifact types:
@@ -834,6 +835,7 @@ class ProxyService:
             image,
             ListingKind.REFERRERS,
             digest,
+            f"the referrers of {image}@{digest}",
             fetch,
             without_api=lambda: self._referrers_from_tag(group, image, digest),
         )
@@ -859,6 +861,7 @@ class ProxyService:
         image: str,
         kind: ListingKind,
         query: str,
+        what: str,
         fetch: Callable[[UpstreamClient, str, Credentials | None], dict],
         without_api: Callable[[], dict] | None = None,
     ) -> Listing:
@@ -874,7 +877,6 @@ class ProxyService:
             seconds=self.settings.freshness_seconds
         ):
             return Listing(json.loads(kept.content), Result.HIT)
-        what = f"{kind} of {image}" + (f"?{query}" if query else "")
         upstream_status: int | None = 200
         try:
             try:
@@ -893,7 +895,7 @@ class ProxyService:
                 raise upstream_error(error, "NAME_UNKNOWN", what) from error
             log.log(
                 logging.INFO if isinstance(error, UpstreamHeldBack) else logging.WARNING,
-                "serving the %s kept at %s because upstream failed: %s%s",
+                "serving %s as kept at %s because upstream failed: %s%s",
                 what,
                 kept.fetched_at.isoformat(timespec="seconds"),
                 error.message,
