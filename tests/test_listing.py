@@ -15,7 +15,7 @@ from depproxy_pyramid.credentials import hash_password
 from depproxy_pyramid.models import User
 from tests.proxy import PROXY_MARKER, PULLER, running_proxy
 from tests.support import oci
-from tests.support.registry import skopeo
+from tests.support.registry import skopeo, skopeo_pull
 from tests.support.relay import Fault
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -261,15 +261,25 @@ def test_referrers_filter_by_artifact_type_and_say_so(proxy, referred, group):
     assert none.headers["OCI-Filters-Applied"] == "artifactType"
 
 
-def test_the_referrers_tag_pulls_through_like_any_tag(proxy, upstream, referred, group):
+def test_the_referrers_tag_pulls_through_like_any_tag(proxy, upstream, referred, group, tmp_path):
     repo, subject, sbom, signature = referred
     tag = oci.referrers_tag(subject)
-    inspected = skopeo_on_proxy("inspect", "--raw", f"docker://{proxy.ref(group, f'{repo}:{tag}')}")
+    reference = proxy.ref(group, f"{repo}:{tag}")
+    # --raw: skopeo refuses image operations on an artifact (its config is the empty one),
+    # upstream's as much as ours.
+    inspected = skopeo_on_proxy("inspect", "--raw", f"docker://{reference}")
     assert inspected["manifests"] == [sbom, signature]
     served = proxy.get(group, repo, "manifests", tag)
     assert served.status_code == 200
     assert served.content == upstream.manifest(repo, tag).content
     assert served.headers["Docker-Content-Digest"] == upstream.digest_of(repo, tag)
+    # Every artifact the index lists, and their blobs, come through too.
+    skopeo_pull(reference, tmp_path / "artifacts", creds=PULLER, all=True)
+    blobs = tmp_path / "artifacts" / "blobs" / "sha256"
+    for artifact in (sbom, signature):
+        assert (blobs / artifact["digest"].removeprefix("sha256:")).read_bytes() == (
+            upstream.manifest(repo, artifact["digest"]).content
+        )
 
 
 def test_a_subject_without_referrers_has_an_empty_index(proxy, upstream, group):
