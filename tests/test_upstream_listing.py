@@ -168,6 +168,39 @@ def test_referrers_keep_only_the_descriptor_fields_the_spec_names(rsps, client):
     assert client.get_referrers("library/alpine", SUBJECT) == (SBOM,)
 
 
+def test_every_page_of_referrers_is_read_from_the_same_upstream_path(rsps, client):
+    signature = {**SBOM, "digest": "sha256:" + "c" * 64, "artifactType": "application/x-sig"}
+    rsps.get(
+        REFERRERS,
+        match=[matchers.query_param_matcher({})],
+        json=referrers_index(SBOM),
+        content_type=OCI_INDEX,
+        # Wherever the link points, the next page is asked of this upstream.
+        headers={
+            "Link": f'<https://elsewhere.example/v2/x/referrers/{SUBJECT}?page=2>; rel="next"'
+        },
+    )
+    rsps.get(
+        REFERRERS,
+        match=[matchers.query_param_matcher({"page": "2"})],
+        json=referrers_index(signature),
+        content_type=OCI_INDEX,
+    )
+    assert client.get_referrers("library/alpine", SUBJECT) == (SBOM, signature)
+
+
+def test_referrers_paging_without_end_is_refused(rsps, client):
+    rsps.get(
+        REFERRERS,
+        json=referrers_index(SBOM),
+        content_type=OCI_INDEX,
+        headers={"Link": f'</v2/library/alpine/referrers/{SUBJECT}>; rel="next"'},
+    )
+    with pytest.raises(UpstreamInvalid) as raised:
+        client.get_referrers("library/alpine", SUBJECT)
+    assert "more than 20 pages" in raised.value.detail
+
+
 def test_referrers_without_an_api_are_not_found(rsps, client):
     # distribution 2.8's answer to a path it has no route for.
     rsps.get(REFERRERS, status=404, body="404 page not found", content_type="text/plain")

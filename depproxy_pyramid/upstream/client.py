@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
@@ -21,10 +21,12 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .listing import (
+    MAX_REFERRERS_PAGES,
     MAX_REFERRERS_SIZE,
     MAX_TAG_LIST_SIZE,
     NOT_AN_INDEX,
     TagPage,
+    next_link_query,
     referrer_descriptors,
     tag_page,
 )
@@ -350,28 +352,35 @@ class UpstreamClient:
         self, name: str, digest: str, credentials: Credentials | None = None
     ) -> tuple[dict, ...]:
         """The descriptors of the manifests whose subject is `digest`, from upstream's
-        referrers API; UpstreamNotFound when upstream has none (distribution 2.x)."""
+        referrers API, every page of it; UpstreamNotFound when upstream has none (distribution
+        2.x)."""
         _check_name(name)
         _check_digest(digest)
         what = f"referrers of {name}@{digest}"
-        resp = self._registry_request(
-            "GET", name, f"referrers/{digest}", credentials, {"Accept": OCI_INDEX}
-        )
-        raise_for_status(resp, what)
-        try:
-            content = read_capped(resp, MAX_REFERRERS_SIZE, what)
-        finally:
-            resp.close()
-        content_type = content_type_of(resp)
-        try:
-            if content_type not in _GENERIC_CONTENT_TYPES | {OCI_INDEX}:
-                raise UpstreamInvalid(NOT_AN_INDEX, detail=f"Content-Type {content_type[:100]!r}")
-            # Upstream's Link to a further page, if any, is not followed: registries page
-            # referrers only past hundreds of them.
-            return referrer_descriptors(content, OCI_INDEX)
-        except UpstreamInvalid as error:
-            error.detail = f"{what}: {error.detail}"
-            raise
+        descriptors: list[dict] = []
+        path, budget = f"referrers/{digest}", MAX_REFERRERS_SIZE
+        for _ in range(MAX_REFERRERS_PAGES):
+            resp = self._registry_request("GET", name, path, credentials, {"Accept": OCI_INDEX})
+            raise_for_status(resp, what)
+            try:
+                content = read_capped(resp, budget, what)
+            finally:
+                resp.close()
+            budget -= len(content)
+            content_type = content_type_of(resp)
+            try:
+                if content_type not in _GENERIC_CONTENT_TYPES | {OCI_INDEX}:
+                    detail = f"Content-Type {content_type[:100]!r}"
+                    raise UpstreamInvalid(NOT_AN_INDEX, detail=detail)
+                descriptors.extend(referrer_descriptors(content, OCI_INDEX))
+            except UpstreamInvalid as error:
+                error.detail = f"{what}: {error.detail}"
+                raise
+            next_query = next_link_query(resp.headers.get("Link", ""))
+            if next_query is None:
+                return tuple(descriptors)
+            path = f"referrers/{digest}?{urlencode(parse_qsl(next_query))}"
+        raise UpstreamInvalid(NOT_AN_INDEX, detail=f"{what}: more than {MAX_REFERRERS_PAGES} pages")
 
     # -- HTTP ----------------------------------------------------------------------------------
 

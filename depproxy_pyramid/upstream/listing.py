@@ -17,8 +17,10 @@ from .errors import UpstreamInvalid
 
 # Docker Hub's biggest repositories list some 10^5 tags in one answer: a few MiB.
 MAX_TAG_LIST_SIZE = 16 * 1024**2
-# A referrers answer is an image index, bounded as manifests are.
+# A referrers answer is an image index, bounded as manifests are (all its pages together).
 MAX_REFERRERS_SIZE = 4 * 1024**2
+# Registries page referrers in the hundreds; past this many pages, upstream is going round.
+MAX_REFERRERS_PAGES = 20
 
 NOT_A_TAG_LIST = "upstream sent something that is not a tag list"
 NOT_AN_INDEX = "upstream sent something that is not a referrers index"
@@ -61,12 +63,22 @@ def tag_page(content: bytes, link: str) -> TagPage:
     return TagPage(tuple(tags), next_last, next_n)
 
 
+def next_link_query(link: str) -> str | None:
+    """The query of the `rel="next"` URL in a `Link` header; None without one.
+
+    Only the query is used: the next page is asked of the same upstream and path, wherever the
+    link points.
+    """
+    match = _NEXT_LINK.search(link)
+    return None if match is None else urlsplit(match.group(1)).query
+
+
 def _next_page(link: str) -> tuple[str | None, int | None]:
     """`last` and `n` of the `rel="next"` URL in a `Link` header; (None, None) without one."""
-    match = _NEXT_LINK.search(link)
-    if match is None:
+    next_query = next_link_query(link)
+    if next_query is None:
         return None, None
-    query = parse_qs(urlsplit(match.group(1)).query)
+    query = parse_qs(next_query)
     last = query.get("last", [None])[-1]
     n = query.get("n", [None])[-1]
     if last is None or not TAG_RE.match(last) or (n is not None and not n.isdecimal()):
