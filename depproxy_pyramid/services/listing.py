@@ -72,7 +72,8 @@ def client_page(page: TagPage, query: TagQuery) -> tuple[list[str], TagQuery | N
         tags = tags[: query.n]
         return tags, TagQuery(query.n, tags[-1]) if tags else None
     if page.next_last is not None:
-        return tags, TagQuery(page.next_n if page.next_n is not None else query.n, page.next_last)
+        # The client's n, not upstream's: the next request comes to this proxy.
+        return tags, TagQuery(query.n, page.next_last)
     return tags, None
 
 
