@@ -102,6 +102,7 @@ def test_null_tags_are_none(rsps, client):
         b'{"tags": "latest"}',
         b'{"tags": [1]}',
         b'{"tags": ["-bad"]}',
+        b'{"tags": ["v1\\n"]}',
         b'{"tags": ["' + b"x" * 129 + b'"]}',
     ],
 )
@@ -216,6 +217,7 @@ def test_referrers_without_an_api_are_not_found(rsps, client):
         ({"schemaVersion": 2}, OCI_INDEX),
         (referrers_index("sha256:x"), OCI_INDEX),
         (referrers_index({**SBOM, "digest": "sha256:short"}), OCI_INDEX),
+        (referrers_index({**SBOM, "digest": SUBJECT + "\n"}), OCI_INDEX),
         (referrers_index({**SBOM, "size": -1}), OCI_INDEX),
         (referrers_index({**SBOM, "size": "512"}), OCI_INDEX),
         (referrers_index({**SBOM, "artifactType": 7}), OCI_INDEX),
@@ -270,6 +272,7 @@ def test_an_upstream_that_pages_keeps_its_next_page():
         ([("n", "1"), ("n", "2")], "n"),
         ([("last", "")], "last"),
         ([("last", "a/b")], "last"),
+        ([("last", "v1\n")], "last"),
     ],
 )
 def test_a_bad_tag_query_is_400_unsupported(params, parameter):
@@ -292,5 +295,5 @@ def test_artifact_type_must_be_a_media_type():
     )
     assert artifact_type_of(MultiDict()) is None
     with pytest.raises(RegistryError) as raised:
-        artifact_type_of(MultiDict(artifactType="application/vnd.x json"))
+        artifact_type_of(MultiDict(artifactType="application/vnd.x\n"))
     assert (raised.value.status, raised.value.code) == (400, "UNSUPPORTED")

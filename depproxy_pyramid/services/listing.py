@@ -15,11 +15,11 @@ from urllib.parse import urlencode
 from webob.multidict import MultiDict
 
 from ..errors import RegistryError
-from ..names import TAG_RE
+from ..names import is_tag
 from ..requestlog import Result
 from ..upstream.listing import TagPage
 
-# Far above any client's page, far below a list that costs real memory to cut.
+# The largest page a client may ask for: at most about 1.3 MiB of JSON.
 MAX_PAGE_SIZE = 10_000
 # RFC 6838's type/subtype, which an artifactType is.
 MEDIA_TYPE_RE = re.compile(
@@ -27,14 +27,14 @@ MEDIA_TYPE_RE = re.compile(
 )
 
 
-def bad_query(message: str, parameter: str, value: str) -> RegistryError:
+def _bad_query(message: str, parameter: str, value: str) -> RegistryError:
     return RegistryError(400, "UNSUPPORTED", message, {parameter: value[:200]})
 
 
 def _single(params: MultiDict, name: str) -> str | None:
     values = params.getall(name)
     if len(values) > 1:
-        raise bad_query(f"{name} is given more than once", name, ",".join(values))
+        raise _bad_query(f"{name} is given more than once", name, ",".join(values))
     return values[0] if values else None
 
 
@@ -50,9 +50,9 @@ class TagQuery:
         """The query of a request's parameters; 400 UNSUPPORTED for a bad one."""
         n, last = _single(params, "n"), _single(params, "last")
         if n is not None and (not re.fullmatch(r"[0-9]{1,6}", n) or int(n) > MAX_PAGE_SIZE):
-            raise bad_query(f"n must be a whole number from 0 to {MAX_PAGE_SIZE}", "n", n)
-        if last is not None and not TAG_RE.match(last):
-            raise bad_query("last must be a tag", "last", last)
+            raise _bad_query(f"n must be a whole number from 0 to {MAX_PAGE_SIZE}", "n", n)
+        if last is not None and not is_tag(last):
+            raise _bad_query("last must be a tag", "last", last)
         return cls(int(n) if n is not None else None, last)
 
     @property
@@ -94,8 +94,8 @@ def next_query(content: dict[str, Any]) -> TagQuery | None:
 def artifact_type_of(params: MultiDict) -> str | None:
     """The `artifactType` filter of a referrers request; 400 UNSUPPORTED for a bad one."""
     artifact_type = _single(params, "artifactType")
-    if artifact_type is not None and not MEDIA_TYPE_RE.match(artifact_type):
-        raise bad_query("artifactType must be a media type", "artifactType", artifact_type)
+    if artifact_type is not None and not MEDIA_TYPE_RE.fullmatch(artifact_type):
+        raise _bad_query("artifactType must be a media type", "artifactType", artifact_type)
     return artifact_type
 
 

@@ -324,7 +324,7 @@ class UpstreamClient:
     ) -> TagPage:
         """A page of the repository's tags, `n` long after `last`, as far as upstream pages."""
         _check_name(name)
-        if last is not None and TAG_RE.match(last) is None:
+        if last is not None and TAG_RE.fullmatch(last) is None:
             raise UpstreamRefused(f"refusing malformed tag {last!r}")
         query = urlencode(
             [(key, value) for key, value in (("n", n), ("last", last)) if value is not None]

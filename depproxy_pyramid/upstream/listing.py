@@ -56,7 +56,7 @@ def tag_page(content: bytes, link: str) -> TagPage:
     if not isinstance(tags, list):
         raise UpstreamInvalid(NOT_A_TAG_LIST, detail=f"tags is a {type(tags).__name__}")
     for tag in tags:
-        if not isinstance(tag, str) or not TAG_RE.match(tag):
+        if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
             raise UpstreamInvalid(NOT_A_TAG_LIST, detail=f"invalid tag {str(tag)[:140]!r}")
     return TagPage(tuple(tags), _next_last(link))
 
@@ -77,7 +77,7 @@ def _next_last(link: str) -> str | None:
     if next_query is None:
         return None
     last = parse_qs(next_query).get("last", [None])[-1]
-    if last is None or not TAG_RE.match(last):
+    if last is None or not TAG_RE.fullmatch(last):
         raise UpstreamInvalid(NOT_A_TAG_LIST, detail=f"unusable Link {link[:300]!r}")
     return last
 
@@ -92,7 +92,7 @@ def _descriptor(entry: object) -> dict[str, Any]:
         or not media_type
         or len(media_type) > 255
         or not isinstance(digest, str)
-        or not DIGEST_RE.match(digest)
+        or not DIGEST_RE.fullmatch(digest)
         or type(size) is not int
         or size < 0
     ):
