@@ -59,7 +59,7 @@ def upstream_tags(upstream, repo: str) -> list[str]:
 def test_skopeo_inspect_without_flags_lists_the_tags(proxy, upstream, group):
     inspected = skopeo_on_proxy("inspect", f"docker://{proxy.ref(group, 'library/alpine:latest')}")
     assert inspected["Digest"] == upstream.digest_of("library/alpine", "latest")
-    assert sorted(inspected["RepoTags"]) == ["3.20", "latest"]
+    assert inspected["RepoTags"] == ["3.20", "latest"]
 
 
 def test_skopeo_list_tags_lists_exactly_the_upstream_tags(proxy, upstream, group):
@@ -67,8 +67,8 @@ def test_skopeo_list_tags_lists_exactly_the_upstream_tags(proxy, upstream, group
     for tag in ("v1", "v3", "v2", "latest"):
         upstream.move_tag(repo, tag)
     listed = skopeo_on_proxy("list-tags", f"docker://{proxy.ref(group, repo)}")
-    assert sorted(listed["Tags"]) == sorted(upstream_tags(upstream, repo))
-    assert sorted(listed["Tags"]) == ["latest", "v1", "v2", "v3"]
+    # Sorted, as the spec has it; upstream (distribution 2.8) lists them in no order.
+    assert listed["Tags"] == sorted(upstream_tags(upstream, repo)) == ["latest", "v1", "v2", "v3"]
 
 
 def test_the_tag_list_names_the_clients_repository(proxy, upstream, group):
