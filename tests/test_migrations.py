@@ -16,7 +16,7 @@ from depproxy_pyramid.migrations import (
 from depproxy_pyramid.models import Base, Group, get_engine
 from tests.conftest import Database
 
-HEAD = "0002"
+HEAD = "0003"
 TABLES = {
     "depproxy_groups",
     "depproxy_users",
@@ -29,6 +29,7 @@ TABLES = {
     "depproxy_blobs",
     "depproxy_manifests",
     "depproxy_tags",
+    "depproxy_listings",
 }
 
 

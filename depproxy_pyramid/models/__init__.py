@@ -23,18 +23,27 @@ from .accounts import (
     User,
     Visibility,
 )
-from .cache import CachedBlob, CachedManifest, CachedTag, CacheStatus
+from .cache import (
+    CachedBlob,
+    CachedListing,
+    CachedManifest,
+    CachedTag,
+    CacheStatus,
+    ListingKind,
+)
 from .meta import Base
 
 __all__ = [
     "Base",
     "CacheStatus",
     "CachedBlob",
+    "CachedListing",
     "CachedManifest",
     "CachedTag",
     "DeployToken",
     "Group",
     "ImageTtlPolicy",
+    "ListingKind",
     "Membership",
     "PersonalAccessToken",
     "ProxySettings",

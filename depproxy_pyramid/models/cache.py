@@ -1,11 +1,12 @@
-"""What the pull-through cache holds: blobs and manifests per group, and where tags point."""
+"""What the pull-through cache holds: blobs and manifests per group, where tags point, and the
+last tag lists and referrers upstream gave."""
 
 from __future__ import annotations
 
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .meta import Base
@@ -84,3 +85,35 @@ class CachedTag(Base):
     tag: Mapped[str] = mapped_column(String(128))
     digest: Mapped[str] = mapped_column(String(135))
     revalidated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ListingKind(enum.StrEnum):
+    TAGS = "tags"
+    REFERRERS = "referrers"
+
+
+class CachedListing(Base):
+    """A page of an image's tag list, or a subject's referrers, as upstream last answered.
+
+    `query` names the answer: a tag list page's `n=..&last=..` (empty for the whole list), a
+    subject's digest. `content` is the JSON the proxy built from upstream's answer, served when
+    upstream fails and within `depproxy.manifest.freshness_seconds` of `fetched_at`.
+    """
+
+    __tablename__ = "depproxy_listings"
+    __table_args__ = (UniqueConstraint("group_id", "image", "kind", "query"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("depproxy_groups.id", ondelete="CASCADE"))
+    image: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[ListingKind] = mapped_column(
+        Enum(
+            ListingKind,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        )
+    )
+    query: Mapped[str] = mapped_column(String(300))
+    content: Mapped[str] = mapped_column(Text)
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

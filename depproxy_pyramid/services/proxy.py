@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -35,13 +36,22 @@ from ..caching import MISSING, BoundedCache
 from ..credentials import Keyring
 from ..errors import RegistryError
 from ..metrics import Metrics
-from ..models import CachedBlob, CachedManifest, CachedTag, CacheStatus, Group
+from ..models import (
+    CachedBlob,
+    CachedListing,
+    CachedManifest,
+    CachedTag,
+    CacheStatus,
+    Group,
+    ListingKind,
+)
 from ..models.accounts import UpstreamCredential
 from ..requestlog import Result
 from ..settings import Settings
 from ..storage import BlobNotFound, Storage
 from ..storage.filesystem import accel_redirect_uri
 from ..upstream import (
+    OCI_INDEX,
     BlobRef,
     Credentials,
     UpstreamAuthFailed,
@@ -57,7 +67,15 @@ from ..upstream import (
 )
 from ..upstream.client import UpstreamClient
 from ..upstream.gate import CircuitBreaker, Slot, UpstreamBusy, UpstreamGate, UpstreamHeldBack
+from ..upstream.listing import referrer_descriptors
 from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits, FillStream
+from .listing import (
+    Listing,
+    TagQuery,
+    client_page,
+    referrers_tag,
+    tag_list_content,
+)
 from .read_times import ReadTimes
 
 log = logging.getLogger(__name__)
@@ -792,3 +810,100 @@ class ProxyService:
                 "read_at": datetime.now(UTC),
             },
         )
+
+    # Tag lists and referrers
+
+    def tag_list(self, group: GroupUpstream, image: str, query: TagQuery) -> Listing:
+        """A page of the image's tags, from upstream, or as it last answered when it fails."""
+
+        def fetch(client: UpstreamClient, name: str, credentials: Credentials | None) -> dict:
+            page = client.list_tags(name, query.n, query.last, credentials=credentials)
+            return tag_list_content(*client_page(page, query))
+
+        what = f"the tag list of {image}" + (f"?{query.encoded}" if query.encoded else "")
+        return self._listing(group, image, ListingKind.TAGS, query.encoded, what, fetch)
+
+    def referrers(self, group: GroupUpstream, image: str, digest: str) -> Listing:
+        """The descriptors of the manifests whose subject is `digest`, all artifact types:
+        upstream's referrers API, else the subject's referrers tag, else none."""
+
+        def fetch(client: UpstreamClient, name: str, credentials: Credentials | None) -> dict:
+            return {"manifests": list(client.get_referrers(name, digest, credentials=credentials))}
+
+        return self._listing(
+            group,
+            image,
+            ListingKind.REFERRERS,
+            digest,
+            f"the referrers of {image}@{digest}",
+            fetch,
+            without_api=lambda: self._referrers_from_tag(group, image, digest),
+        )
+
+    def _referrers_from_tag(self, group: GroupUpstream, image: str, digest: str) -> dict:
+        """What the subject's referrers tag lists: an OCI 1.1 client that pushes an artifact
+        to a registry without the referrers API keeps its descriptor in this index. The tag is
+        pulled like any other, so it is cached like any other."""
+        try:
+            manifest = self.manifest(group, image, referrers_tag(digest))
+        except RegistryError as error:
+            if error.code == "MANIFEST_UNKNOWN":
+                return {"manifests": []}
+            raise
+        if manifest.media_type != OCI_INDEX:
+            log.info("the referrers tag of %s@%s is no image index: no referrers", image, digest)
+            return {"manifests": []}
+        return {"manifests": list(referrer_descriptors(manifest.content, OCI_INDEX))}
+
+    def _listing(
+        self,
+        group: GroupUpstream,
+        image: str,
+        kind: ListingKind,
+        query: str,
+        what: str,
+        fetch: Callable[[UpstreamClient, str, Credentials | None], dict],
+        without_api: Callable[[], dict] | None = None,
+    ) -> Listing:
+        """Upstream's answer, kept; the kept one when upstream fails (unavailable, timing out,
+        429, its breaker open or the budget full) or when it was fetched within
+        `depproxy.manifest.freshness_seconds`, as a tag is. `without_api` answers when
+        upstream answers 404."""
+        keys = {"group_id": group.group_id, "image": image, "kind": kind, "query": query}
+        with self._transaction() as session:
+            kept = session.scalar(select(CachedListing).filter_by(**keys))
+        now = datetime.now(UTC)
+        if kept is not None and now - kept.fetched_at < timedelta(
+            seconds=self.settings.freshness_seconds
+        ):
+            return Listing(json.loads(kept.content), Result.HIT)
+        upstream_status: int | None = 200
+        try:
+            try:
+                with self.gate.slot(self._registry(image)):
+                    client, name, credentials = self._resolve(group, image)
+                    with self._breaker(client).call():
+                        content = fetch(client, name, credentials)
+            except UpstreamNotFound as error:
+                if without_api is None:
+                    raise
+                upstream_status = error.status
+                content = without_api()
+        except (UpstreamUnavailable, UpstreamRateLimited) as error:
+            self.metrics.upstream_errors.labels(kind, type(error).__name__).inc()
+            if kept is None:
+                raise upstream_error(error, "NAME_UNKNOWN", what) from error
+            log.log(
+                logging.INFO if isinstance(error, UpstreamHeldBack) else logging.WARNING,
+                "serving %s as kept at %s because upstream failed: %s%s",
+                what,
+                kept.fetched_at.isoformat(timespec="seconds"),
+                error.message,
+                f" ({error.detail})" if isinstance(error, UpstreamInvalid) else "",
+            )
+            return Listing(json.loads(kept.content), Result.STALE, error.status)
+        except UpstreamError as error:
+            self.metrics.upstream_errors.labels(kind, type(error).__name__).inc()
+            raise upstream_error(error, "NAME_UNKNOWN", what) from error
+        self._record(CachedListing, keys, {"content": json.dumps(content), "fetched_at": now})
+        return Listing(content, Result.MISS, upstream_status)

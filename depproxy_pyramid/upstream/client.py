@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
@@ -19,6 +19,16 @@ from .errors import (
     UpstreamBadDigest,
     UpstreamRefused,
     UpstreamUnavailable,
+)
+from .listing import (
+    MAX_REFERRERS_PAGES,
+    MAX_REFERRERS_SIZE,
+    MAX_TAG_LIST_SIZE,
+    NOT_AN_INDEX,
+    TagPage,
+    next_link_query,
+    referrer_descriptors,
+    tag_page,
 )
 from .tokens import Credentials, RealmPolicy, TokenCache
 from .transport import (
@@ -304,6 +314,73 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"upstream returned the wrong range for {what}")
         total = content_range.group(3)
         return BlobResponse(resp, None if total == "*" else int(total))
+
+    def list_tags(
+        self,
+        name: str,
+        n: int | None = None,
+        last: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> TagPage:
+        """A page of the repository's tags, `n` long after `last`, as far as upstream pages."""
+        _check_name(name)
+        if last is not None and TAG_RE.fullmatch(last) is None:
+            raise UpstreamRefused(f"refusing malformed tag {last!r}")
+        query = urlencode(
+            [(key, value) for key, value in (("n", n), ("last", last)) if value is not None]
+        )
+        what = f"tag list of {name}"
+        resp = self._registry_request(
+            "GET",
+            name,
+            f"tags/list?{query}" if query else "tags/list",
+            credentials,
+            {"Accept": "application/json"},
+        )
+        raise_for_status(resp, what)
+        try:
+            content = read_capped(resp, MAX_TAG_LIST_SIZE, what)
+        finally:
+            resp.close()
+        try:
+            return tag_page(content, resp.headers.get("Link", ""))
+        except UpstreamInvalid as error:
+            error.detail = f"{what}: {error.detail}"
+            raise
+
+    def get_referrers(
+        self, name: str, digest: str, credentials: Credentials | None = None
+    ) -> tuple[dict, ...]:
+        """The descriptors of the manifests whose subject is `digest`, from upstream's
+        referrers API, every page of it; UpstreamNotFound when upstream has none (distribution
+        2.x)."""
+        _check_name(name)
+        _check_digest(digest)
+        what = f"referrers of {name}@{digest}"
+        descriptors: list[dict] = []
+        path, budget = f"referrers/{digest}", MAX_REFERRERS_SIZE
+        for _ in range(MAX_REFERRERS_PAGES):
+            resp = self._registry_request("GET", name, path, credentials, {"Accept": OCI_INDEX})
+            raise_for_status(resp, what)
+            try:
+                content = read_capped(resp, budget, what)
+            finally:
+                resp.close()
+            budget -= len(content)
+            content_type = content_type_of(resp)
+            try:
+                if content_type not in _GENERIC_CONTENT_TYPES | {OCI_INDEX}:
+                    detail = f"Content-Type {content_type[:100]!r}"
+                    raise UpstreamInvalid(NOT_AN_INDEX, detail=detail)
+                descriptors.extend(referrer_descriptors(content, OCI_INDEX))
+            except UpstreamInvalid as error:
+                error.detail = f"{what}: {error.detail}"
+                raise
+            next_query = next_link_query(resp.headers.get("Link", ""))
+            if next_query is None:
+                return tuple(descriptors)
+            path = f"referrers/{digest}?{urlencode(parse_qsl(next_query))}"
+        raise UpstreamInvalid(NOT_AN_INDEX, detail=f"{what}: more than {MAX_REFERRERS_PAGES} pages")
 
     # -- HTTP ----------------------------------------------------------------------------------
 

@@ -53,11 +53,32 @@ class UnmirroredTarget(RegistryTarget):
         self.namespace = namespace
 
 
+class TagListTarget(RegistryTarget):
+    """An image's tag list (`views.listing`)."""
+
+
+class ReferrersTarget(RegistryTarget):
+    """The referrers of one of an image's manifests (`views.listing`)."""
+
+
+def _target_class(segments: tuple[str, ...]) -> type[RegistryTarget] | None:
+    """What `/v2/<name>/<kind>/<reference>` asks for; None for no endpoint of ours."""
+    if len(segments) < 3:
+        return None
+    if segments[-2] in ("manifests", "blobs"):
+        return RegistryTarget
+    if segments[-2] == "referrers":
+        return ReferrersTarget
+    if segments[-2:] == ("tags", "list"):
+        return TagListTarget
+    return None
+
+
 READ_ONLY = "the dependency proxy is a read-only registry: pushing is not supported"
 
 
 def registry_factory(request: Request) -> RegistryTarget:
-    """The manifest or blob a `/v2/<name>/<kind>/<reference>` path names.
+    """The manifest, blob, tag list or referrers a `/v2/<name>/<kind>/<reference>` path names.
 
     The path is judged before the method, as distribution's router does: a reference that
     cannot exist is a 404 whatever the method, and only a resource that could exist answers a
@@ -66,11 +87,13 @@ def registry_factory(request: Request) -> RegistryTarget:
     segments = request.matchdict["subpath"]
     if segments[-2:] == ("blobs", "uploads") or segments[-3:-1] == ("blobs", "uploads"):
         raise method_not_allowed((), READ_ONLY)
-    if len(segments) < 3 or segments[-2] not in ("manifests", "blobs"):
+    target = _target_class(segments)
+    if target is None:
         raise RegistryError(
             404,
             "UNSUPPORTED",
-            "no such endpoint: the dependency proxy serves manifests and blobs",
+            "no such endpoint: the dependency proxy serves manifests, blobs, tag lists and "
+            "referrers",
             {"path": request.path[:300]},
         )
     settings = request.registry["depproxy.settings"]
@@ -89,6 +112,11 @@ def registry_factory(request: Request) -> RegistryTarget:
         raise RegistryError(
             404, "BLOB_UNKNOWN", "no such blob: not a digest", {"digest": reference[:200]}
         )
+    if kind == "referrers" and not is_digest(reference):
+        # The referrers API's one refusal: it never answers 404.
+        raise RegistryError(
+            400, "DIGEST_INVALID", "the subject is not a digest", {"digest": reference[:200]}
+        )
     if request.method not in PULL_METHODS:
         raise method_not_allowed(PULL_METHODS, READ_ONLY)
     try:
@@ -98,7 +126,7 @@ def registry_factory(request: Request) -> RegistryTarget:
     if mirrored is None:
         assert namespace is not None
         return UnmirroredTarget(repository, group, kind, reference, namespace)
-    return RegistryTarget(mirrored, group, kind, reference)
+    return target(mirrored, group, kind, reference)
 
 
 def single_byte_range(request: Request) -> Range | None:

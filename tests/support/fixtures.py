@@ -14,6 +14,7 @@ Layout of the upstream::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import time
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -131,6 +133,36 @@ class Upstream:
         response = self.registry.admin_client().manifest(repo, ref, method)
         response.raise_for_status()
         return response
+
+    def push_referrer(
+        self, repo: str, subject_ref: str, artifact_type: str, payload: bytes
+    ) -> dict[str, Any]:
+        """Push an artifact whose subject is ``repo:subject_ref`` and record it in the
+        subject's referrers tag, as an OCI 1.1 client does on a registry without the referrers
+        API (distribution 2.8 has none); the artifact's descriptor as that index lists it."""
+        client = self.registry.admin_client()
+        subject = self.manifest(repo, subject_ref)
+        subject_descriptor = oci.Descriptor(
+            subject.headers["Content-Type"],
+            subject.headers["Docker-Content-Digest"],
+            len(subject.content),
+        )
+        client.push_blob(repo, oci.EMPTY_JSON)
+        layer = oci.Descriptor(
+            "application/octet-stream", client.push_blob(repo, payload), len(payload)
+        )
+        manifest = oci.artifact_manifest(subject_descriptor, artifact_type, layer)
+        digest = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+        client.push_manifest(repo, digest, manifest, oci.OCI_MANIFEST)
+        referrer = {
+            **oci.Descriptor(oci.OCI_MANIFEST, digest, len(manifest)).to_json(),
+            "artifactType": artifact_type,
+        }
+        tag = oci.referrers_tag(subject_descriptor.digest)
+        existing = client.manifest(repo, tag)
+        index = existing.content if existing.status_code == 200 else None
+        client.push_manifest(repo, tag, oci.with_referrer(index, referrer), oci.OCI_INDEX)
+        return referrer
 
     def digest_of(self, repo: str, ref: str) -> str:
         """The registry's current manifest digest for ``repo:ref`` (direct, as admin)."""

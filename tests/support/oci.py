@@ -288,3 +288,37 @@ def write_big_image(path: Path, tag: str = "latest", size_mb: int = 200, seed: i
     layout = Layout(path)
     layer = layout.add_blob_stream(_big_tar_chunks(size_mb * MIB, seed), OCI_LAYER_TAR)
     return _write_manifest(layout, tag, [layer], [layer.digest], f"big-{seed}", "amd64", "linux")
+
+
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_JSON = b"{}"
+
+
+def artifact_manifest(subject: Descriptor, artifact_type: str, layer: Descriptor) -> bytes:
+    """An OCI 1.1 artifact about ``subject``: an image manifest with an ``artifactType``, the
+    empty config and one layer."""
+    empty = Descriptor(OCI_EMPTY, f"sha256:{hashlib.sha256(EMPTY_JSON).hexdigest()}", 2)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": empty.to_json(),
+        "layers": [layer.to_json()],
+        "subject": subject.to_json(),
+    }
+    return json.dumps(manifest, sort_keys=True).encode()
+
+
+def referrers_tag(digest: str) -> str:
+    """The referrers tag schema's tag for a subject: ``sha256-<hex>``."""
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"{algorithm}-{hex_digest[:64]}"
+
+
+def with_referrer(index: bytes | None, referrer: Mapping[str, Any]) -> bytes:
+    """The referrers tag's index with ``referrer`` added, as an OCI 1.1 client updates it on
+    a registry without the referrers API (a fresh index when there is none yet)."""
+    manifests = json.loads(index)["manifests"] if index is not None else []
+    manifests = [m for m in manifests if m["digest"] != referrer["digest"]] + [dict(referrer)]
+    document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+    return json.dumps(document, sort_keys=True).encode()

@@ -9,6 +9,7 @@ registry authenticates with :mod:`tests.support.token_server` and is seeded with
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -148,6 +149,33 @@ class RegistryClient:
     def digest_of(self, repo: str, ref: str) -> str:
         """The ``Docker-Content-Digest`` the registry reports for ``repo:ref``."""
         response = self.manifest(repo, ref, method="HEAD")
+        response.raise_for_status()
+        return response.headers["Docker-Content-Digest"]
+
+    def push_blob(self, repo: str, data: bytes) -> str:
+        """Upload a small blob (a POST, then one PUT with the whole body); its digest."""
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        started = self.request("POST", f"/v2/{repo}/blobs/uploads/")
+        started.raise_for_status()
+        location = started.headers["Location"].removeprefix(self.base_url)
+        separator = "&" if "?" in location else "?"
+        done = self.request(
+            "PUT",
+            f"{location}{separator}digest={digest}",
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        done.raise_for_status()
+        return digest
+
+    def push_manifest(self, repo: str, reference: str, content: bytes, media_type: str) -> str:
+        """PUT a manifest or index under a tag or digest; the digest the registry reports."""
+        response = self.request(
+            "PUT",
+            f"/v2/{repo}/manifests/{reference}",
+            data=content,
+            headers={"Content-Type": media_type},
+        )
         response.raise_for_status()
         return response.headers["Docker-Content-Digest"]
 

@@ -40,6 +40,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _MANIFEST_PATH = re.compile(r"^/v2/.+/manifests/[^/]+$")
+_TAGS_PATH = re.compile(r"^/v2/.+/tags/list$")
+_REFERRERS_PATH = re.compile(r"^/v2/.+/referrers/[^/]+$")
 _BLOB_PATH = re.compile(r"^/v2/.+/blobs/(?P<digest>[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]+)$")
 
 
@@ -65,12 +67,17 @@ _STATUS_FAULTS: dict[Fault, tuple[int, str, dict[str, str]]] = {
 
 
 def classify(path: str) -> str:
-    """Kind of a request path: ``manifest``, ``blob``, ``token`` or ``other``."""
+    """Kind of a request path: ``manifest``, ``blob``, ``tags``, ``referrers``, ``token`` or
+    ``other``."""
     path = path.split("?", 1)[0]
     if _MANIFEST_PATH.match(path):
         return "manifest"
     if _BLOB_PATH.match(path):
         return "blob"
+    if _TAGS_PATH.match(path):
+        return "tags"
+    if _REFERRERS_PATH.match(path):
+        return "referrers"
     if path == "/token":
         return "token"
     return "other"
