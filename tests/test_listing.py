@@ -310,3 +310,42 @@ def test_the_last_known_referrers_are_served_when_upstream_is_down(
     unknown = referrers_of(proxy, group, repo, f"sha256:{'b' * 64}")
     assert unknown.status_code == 502
     assert unknown.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+# Through the mirror group
+
+
+def test_tags_and_referrers_of_bare_names_through_an_open_mirror(upstream, tmp_path):
+    """The mirror group answers the listing endpoints at the root too, anonymously when the
+    operator opened it, and names the client's bare repository in bodies and links."""
+    with running_proxy(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'proxy.sqlite'}",
+        upstream.url,
+        **{"depproxy.mirror.group": "mirror", "depproxy.mirror.anonymous": "true"},
+    ) as proxy:
+        proxy.new_group("mirror")
+        ref = f"docker://{proxy.host}/library/alpine"
+        listed = json.loads(skopeo("list-tags", "--tls-verify=false", ref).stdout)
+        assert listed["Tags"] == sorted(upstream_tags(upstream, "library/alpine"))
+        inspected = json.loads(skopeo("inspect", "--tls-verify=false", f"{ref}:latest").stdout)
+        assert inspected["Digest"] == upstream.digest_of("library/alpine", "latest")
+
+        token = requests.get(
+            f"{proxy.url}/jwt/auth",
+            params={"service": "dependency_proxy", "scope": "repository:library/alpine:pull"},
+            timeout=10,
+        ).json()["token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        page = requests.get(
+            f"{proxy.url}/v2/library/alpine/tags/list?n=1", headers=headers, timeout=30
+        )
+        assert page.json() == {"name": "library/alpine", "tags": ["3.20"]}
+        assert page.headers["Link"] == '</v2/library/alpine/tags/list?n=1&last=3.20>; rel="next"'
+        subject = upstream.digest_of("library/alpine", "latest")
+        referrers = requests.get(
+            f"{proxy.url}/v2/library/alpine/referrers/{subject}", headers=headers, timeout=30
+        )
+        assert referrers.status_code == 200
+        assert referrers.headers["Content-Type"] == OCI_INDEX
+        assert referrers.json()["manifests"] == []
