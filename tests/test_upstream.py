@@ -1253,6 +1253,57 @@ def test_resolve_non_docker_hub_default():
         reg.close()
 
 
+@pytest.mark.parametrize(
+    ("image", "name"),
+    [
+        ("alpine", "library/alpine"),
+        ("bitnami/redis", "bitnami/redis"),
+        ("mirror.internal:5000/alpine", "library/alpine"),
+        # Docker Hub's names mean the mirror's copy of Docker Hub's image.
+        ("docker.io/alpine", "library/alpine"),
+        ("docker.io/library/alpine", "library/alpine"),
+        ("index.docker.io/bitnami/redis", "bitnami/redis"),
+    ],
+)
+def test_resolve_default_docker_hub_mirror(image, name):
+    reg = UpstreamRegistry(
+        "https://mirror.internal:5000", docker_hub_mirrors=["Mirror.Internal:5000"]
+    )
+    try:
+        assert reg.resolve(image) == (reg.default, name)
+        assert reg.registry_of(reg.default) == "mirror.internal:5000"
+        assert reg.registry_host("docker.io") == "mirror.internal:5000"
+    finally:
+        reg.close()
+
+
+def test_resolve_extra_docker_hub_mirror_and_docker_hub():
+    reg = UpstreamRegistry(
+        "https://r.example",
+        {
+            "mirror.gcr.io": "https://mirror.gcr.io",
+            "hub.example": "https://registry-1.docker.io",
+            "ghcr.io": "https://ghcr.io",
+        },
+        docker_hub_mirrors=["mirror.gcr.io"],
+    )
+    try:
+        client, name = reg.resolve("mirror.gcr.io/alpine")
+        assert (reg.registry_of(client), name) == ("mirror.gcr.io", "library/alpine")
+        # Docker Hub itself, configured as an extra upstream, needs no mark.
+        client, name = reg.resolve("hub.example/alpine")
+        assert (reg.registry_of(client), name) == ("hub.example", "library/alpine")
+        client, name = reg.resolve("ghcr.io/single")
+        assert (reg.registry_of(client), name) == ("ghcr.io", "single")
+        # The default upstream is not a mirror: its names are not prefixed, and Docker Hub's
+        # names go nowhere.
+        assert reg.resolve("alpine") == (reg.default, "alpine")
+        with pytest.raises(UpstreamRefused, match="not configured"):
+            reg.resolve("docker.io/library/alpine")
+    finally:
+        reg.close()
+
+
 def test_registry_passes_client_options():
     reg = UpstreamRegistry(
         "https://r.example",
