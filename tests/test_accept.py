@@ -12,17 +12,23 @@ import json
 
 import pytest
 import requests
-from sqlalchemy import select
+from sqlalchemy import event, select
 
+from depproxy_pyramid import main
 from depproxy_pyramid.models import CachedTag, Group
 from depproxy_pyramid.negotiation import accepted_manifests
+from depproxy_pyramid.requestlog import Result
+from depproxy_pyramid.services.proxy import GroupUpstream
 from depproxy_pyramid.upstream import (
+    ALL_MANIFESTS,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MANIFEST_ACCEPT,
     OCI_INDEX,
     OCI_MANIFEST,
+    ManifestAccept,
 )
+from tests.conftest import Database, app_settings, migrate
 
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 DOCKER_LIST = ("dockerlist/app", "1.0")  # seeded: a Docker manifest list, Docker types inside
@@ -280,3 +286,54 @@ def test_a_normal_pull_of_a_cached_tag_asks_upstream_one_head(proxy, upstream, g
     for entry in json.loads(manifest.content)["manifests"]:
         proxy.get(group, repo, "manifests", entry["digest"])
     assert manifest_requests(upstream) == [("HEAD", tag, MANIFEST_ACCEPT)]
+
+
+@pytest.fixture
+def service(upstream, tmp_path):
+    """The proxy service of an app in this process, whose tags stay fresh for an hour: a
+    cached tag is then answered from the database alone."""
+    url = f"sqlite:///{tmp_path / 'depproxy.sqlite'}"
+    migrate(url)
+    app = main(
+        {},
+        **app_settings(
+            url,
+            tmp_path / "storage",
+            **{
+                "depproxy.upstream.url": upstream.url,
+                "depproxy.manifest.freshness_seconds": "3600",
+            },
+        ),
+    )
+    service = app.registry["depproxy.proxy"]
+    yield service
+    service.read_times.flush()
+
+
+def test_a_narrowed_accept_costs_a_cached_pull_no_more_sql_than_all_four(service, tmp_path):
+    db = Database(service.settings.sqlalchemy_url)
+    manager, session = db.session()
+    with manager:
+        group = Group(path="sql", name="sql")
+        session.add(group)
+        session.flush()
+        upstream_group = GroupUpstream(group.id)
+    repo, tag = DOCKER_LIST
+    statements: list[str] = []
+    engine = service.session_factory.kw["bind"]
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    for accept in (ALL_MANIFESTS, ManifestAccept.of([DOCKER_MANIFEST])):
+        served = service.manifest(upstream_group, repo, tag, accept)
+        assert served.media_type in accept.media_types
+        # The first hit reads the manifest from storage, and keeps it in memory.
+        service.manifest(upstream_group, repo, tag, accept)
+        statements.clear()
+        cached = service.manifest(upstream_group, repo, tag, accept)
+        assert (cached.digest, cached.result) == (served.digest, Result.HIT)
+        # Then only the tag's row is looked up, by its accept too, in the one query it took
+        # before tags were keyed by it.
+        [select_tag] = statements
+        assert select_tag.startswith("SELECT") and "depproxy_tags.accept = ?" in select_tag
+        statements.clear()
+        assert service.manifest(upstream_group, repo, served.digest, accept).result == Result.HIT
+        assert statements == []
