@@ -29,6 +29,8 @@ from depproxy_pyramid.upstream import (
     ManifestAccept,
 )
 from tests.conftest import Database, app_settings, migrate
+from tests.proxy import PULLER
+from tests.support.registry import skopeo_pull
 
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 DOCKER_LIST = ("dockerlist/app", "1.0")  # seeded: a Docker manifest list, Docker types inside
@@ -337,3 +339,22 @@ def test_a_narrowed_accept_costs_a_cached_pull_no_more_sql_than_all_four(service
         statements.clear()
         assert service.manifest(upstream_group, repo, served.digest, accept).result == Result.HIT
         assert statements == []
+
+
+def test_docker_containerd_and_skopeo_accept_all_four_and_share_one_answer(
+    proxy, upstream, group, docker, containerd, tmp_path
+):
+    image = "library/alpine:latest"
+    reference = proxy.ref(group, image)
+    login = docker(
+        "login", "--username", PULLER[0], "--password", PULLER[1], proxy.host, config=tmp_path
+    )
+    assert "Login Succeeded" in login.stdout
+    docker("pull", reference, config=tmp_path)
+    containerd.pull(reference)
+    skopeo_pull(reference, tmp_path / "skopeo", creds=PULLER)
+    # One fetch and then revalidations, all asking with the four types: one cached answer.
+    accepts = {accept for _, _, accept in manifest_requests(upstream)}
+    assert accepts == {MANIFEST_ACCEPT}
+    assert [method for method, _, _ in manifest_requests(upstream)].count("GET") == 1
+    assert tag_rows(proxy, group, "library/alpine", "latest").keys() == {MANIFEST_ACCEPT}
