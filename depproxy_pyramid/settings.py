@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .names import group_path_problem
+from .upstream.routing import default_registry_host
 
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 _HOST_RE = re.compile(r"^(localhost|[a-z0-9-]+(\.[a-z0-9-]+)+)(:[0-9]{1,5})?$")
@@ -36,6 +37,9 @@ class Settings:
     upstream_username: str | None
     upstream_password: str | None
     upstream_registries: Mapping[str, str]
+    # Registry hosts of configured upstreams that mirror Docker Hub: one-segment names get
+    # `library/` there, as on Docker Hub itself.
+    upstream_docker_hub_mirrors: frozenset[str]
     jwt_secret: str
     jwt_expire_seconds: int
     external_url: str | None
@@ -123,6 +127,23 @@ def _registries(settings: Mapping[str, str], key: str) -> dict[str, str]:
             raise ConfigurationError(key, f"{host!r} is not a registry host name")
         registries[host] = _http_url({key: url or f"https://{host}"}, key, None) or ""
     return registries
+
+
+def _docker_hub_mirrors(
+    settings: Mapping[str, str], key: str, upstream_url: str, registries: Mapping[str, str]
+) -> frozenset[str]:
+    """Registry hosts, each the default upstream's (its URL's host[:port]) or an extra one's."""
+    default = default_registry_host(upstream_url)
+    mirrors = frozenset(host.lower() for host in _words(settings, key))
+    unknown = sorted(mirrors - {default, *registries})
+    if unknown:
+        raise ConfigurationError(
+            key,
+            f"{unknown[0]!r} is not a configured upstream: name the default upstream as "
+            f"{default!r} (the host[:port] of depproxy.upstream.url) or a host of "
+            "depproxy.upstream.registries",
+        )
+    return mirrors
 
 
 def _words(settings: Mapping[str, str], key: str) -> tuple[str, ...]:
@@ -213,6 +234,8 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         raise ConfigurationError(
             "depproxy.mirror.anonymous", "needs depproxy.mirror.group: the group it opens"
         )
+    upstream_url = _http_url(settings, "depproxy.upstream.url", DOCKER_HUB_URL) or ""
+    registries = _registries(settings, "depproxy.upstream.registries")
     spool_share = _number(settings, "depproxy.spool.max_disk_share", 0.5, minimum=0.01, kind=float)
     if spool_share > 1:
         raise ConfigurationError("depproxy.spool.max_disk_share", "is a share between 0 and 1")
@@ -222,10 +245,13 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
         storage_accel_redirect=_accel_redirect(
             settings, "depproxy.storage.accel_redirect", storage
         ),
-        upstream_url=_http_url(settings, "depproxy.upstream.url", DOCKER_HUB_URL) or "",
+        upstream_url=upstream_url,
         upstream_username=username,
         upstream_password=password,
-        upstream_registries=_registries(settings, "depproxy.upstream.registries"),
+        upstream_registries=registries,
+        upstream_docker_hub_mirrors=_docker_hub_mirrors(
+            settings, "depproxy.upstream.docker_hub_mirrors", upstream_url, registries
+        ),
         jwt_secret=secret,
         jwt_expire_seconds=int(_number(settings, "depproxy.jwt.expire_seconds", 900, minimum=60)),
         external_url=_http_url(settings, "depproxy.external_url", None),

@@ -14,9 +14,10 @@ from depproxy_pyramid.migrations import (
     upgrade,
 )
 from depproxy_pyramid.models import Base, Group, get_engine
+from depproxy_pyramid.upstream import MANIFEST_ACCEPT
 from tests.conftest import Database
 
-HEAD = "0003"
+HEAD = "0004"
 TABLES = {
     "depproxy_groups",
     "depproxy_users",
@@ -71,6 +72,10 @@ def _legacy_columns(table: str) -> list[sa.Column]:
     ]
 
 
+# Columns added since 0.1, which its tables did not have.
+ADDED_SINCE_0_1 = {"depproxy_tags": {"accept"}}
+
+
 def _create_legacy_schema(connection: sa.Connection) -> None:
     """Version 0.1's tables: today's columns under the old names, versioned in alembic_version."""
     legacy = sa.MetaData()
@@ -79,6 +84,8 @@ def _create_legacy_schema(connection: sa.Connection) -> None:
             continue
         columns = _legacy_columns(table.name)
         for column in table.columns:
+            if column.name in ADDED_SINCE_0_1.get(table.name, ()):
+                continue
             references = [
                 sa.ForeignKey(
                     f"{OLD_NAMES[key.column.table.name]}.{key.column.name}", ondelete="CASCADE"
@@ -238,5 +245,55 @@ def test_group_credentials_move_to_the_default_registry_and_back(empty_database_
                 )
             ).all() == [(1, "bot", "sealed"), (2, None, None), (3, None, None)]
         assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_cached_tags_keep_their_answer_as_the_one_to_all_four_types(empty_database_url):
+    engine = get_engine({"sqlalchemy.url": empty_database_url})
+    now = datetime.now(UTC)
+    schema2 = "application/vnd.docker.distribution.manifest.v2+json"
+    try:
+        upgrade(engine, "0002")
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO depproxy_groups (id, parent_id, path, name, visibility, "
+                    "created_at) VALUES (1, NULL, 'a', 'a', 'private', :now)"
+                ),
+                {"now": now},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO depproxy_tags (id, group_id, image, tag, digest, "
+                    "revalidated_at) VALUES (1, 1, 'library/alpine', 'latest', 'sha256:aa', :now)"
+                ),
+                {"now": now},
+            )
+
+        upgrade(engine)
+
+        rows = "SELECT image, tag, accept, digest FROM depproxy_tags ORDER BY id"
+        with engine.begin() as connection:
+            assert connection.execute(sa.text(rows)).all() == [
+                ("library/alpine", "latest", MANIFEST_ACCEPT, "sha256:aa")
+            ]
+            # The same tag's answer to a narrower Accept is a row of its own.
+            connection.execute(
+                sa.text(
+                    "INSERT INTO depproxy_tags (id, group_id, image, tag, accept, digest, "
+                    "revalidated_at) VALUES "
+                    "(2, 1, 'library/alpine', 'latest', :accept, 'sha256:bb', :now)"
+                ),
+                {"now": now, "accept": schema2},
+            )
+
+        downgrade(engine, "0002")
+
+        with engine.connect() as connection:
+            assert connection.execute(
+                sa.text("SELECT image, tag, digest FROM depproxy_tags")
+            ).all() == [("library/alpine", "latest", "sha256:aa")]
+        assert current_revision(engine) == "0002"
     finally:
         engine.dispose()

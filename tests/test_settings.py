@@ -82,3 +82,42 @@ def test_accel_redirect_needs_filesystem_storage_at_startup():
     with pytest.raises(ConfigurationError, match="needs depproxy.storage = filesystem") as info:
         main({}, **s3)
     assert info.value.key == "depproxy.storage.accel_redirect"
+
+
+def test_docker_hub_mirrors_name_configured_upstreams():
+    settings = parse_settings(
+        {
+            **BASE,
+            "depproxy.upstream.url": "https://Mirror.Internal:5000/",
+            "depproxy.upstream.registries": "mirror.gcr.io ghcr.io",
+            "depproxy.upstream.docker_hub_mirrors": "mirror.internal:5000 MIRROR.gcr.io",
+        }
+    )
+    assert settings.upstream_docker_hub_mirrors == {"mirror.internal:5000", "mirror.gcr.io"}
+    assert parse_settings(BASE).upstream_docker_hub_mirrors == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("mirrors", "named"),
+    [
+        ("mirror.gcr.io", "'mirror.gcr.io'"),
+        # The default upstream is named with its port, as credentials and realms name it.
+        ("mirror.internal", "'mirror.internal'"),
+        ("mirror.internal:5000 quay.io", "'quay.io'"),
+    ],
+)
+def test_a_docker_hub_mirror_that_is_not_an_upstream_is_refused(mirrors, named):
+    with pytest.raises(ConfigurationError) as info:
+        parse_settings(
+            {
+                **BASE,
+                "depproxy.upstream.url": "https://mirror.internal:5000",
+                "depproxy.upstream.docker_hub_mirrors": mirrors,
+            }
+        )
+    assert info.value.key == "depproxy.upstream.docker_hub_mirrors"
+    assert str(info.value) == (
+        f"setting 'depproxy.upstream.docker_hub_mirrors': {named} is not a configured "
+        "upstream: name the default upstream as 'mirror.internal:5000' (the host[:port] of "
+        "depproxy.upstream.url) or a host of depproxy.upstream.registries"
+    )

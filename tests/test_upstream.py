@@ -15,11 +15,13 @@ from depproxy_pyramid.upstream import (
     MANIFEST_ACCEPT,
     BlobRef,
     Credentials,
+    ManifestAccept,
     ManifestRef,
     UpstreamAuthFailed,
     UpstreamBadDigest,
     UpstreamClient,
     UpstreamError,
+    UpstreamNotAcceptable,
     UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -795,6 +797,71 @@ def test_head_manifest_not_found(rsps, client):
         client.head_manifest("library/alpine", "latest")
 
 
+SCHEMA2 = "application/vnd.docker.distribution.manifest.v2+json"
+SCHEMA2_ONLY = ManifestAccept.of([SCHEMA2])
+SCHEMA2_MANIFEST = json.dumps(
+    {"schemaVersion": 2, "mediaType": SCHEMA2, "config": {}, "layers": []}
+).encode()
+
+
+def test_manifests_are_asked_for_with_the_accepted_types(rsps, client):
+    rsps.add(
+        responses.HEAD,
+        REG + MANIFEST_PATH,
+        headers=manifest_headers(SCHEMA2_MANIFEST, SCHEMA2),
+        match=[responses.matchers.header_matcher({"Accept": SCHEMA2})],
+    )
+    rsps.add(
+        responses.GET,
+        REG + MANIFEST_PATH,
+        body=SCHEMA2_MANIFEST,
+        content_type=SCHEMA2,
+        match=[responses.matchers.header_matcher({"Accept": SCHEMA2})],
+    )
+    ref = client.head_manifest("library/alpine", "latest", accept=SCHEMA2_ONLY)
+    assert ref == ManifestRef(sha256(SCHEMA2_MANIFEST), SCHEMA2, len(SCHEMA2_MANIFEST))
+    manifest = client.get_manifest("library/alpine", "latest", accept=SCHEMA2_ONLY)
+    assert (manifest.media_type, manifest.content) == (SCHEMA2, SCHEMA2_MANIFEST)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "answered"),
+    [
+        (OCI_INDEX, OCI_INDEX),
+        (f"{OCI_INDEX}; charset=utf-8", OCI_INDEX),
+        # A registry converting for an old client.
+        ("application/vnd.docker.distribution.manifest.v1+prettyjws",
+         "application/vnd.docker.distribution.manifest.v1+prettyjws"),
+        # A generic type leaves the body to say.
+        ("application/json", OCI_INDEX),
+    ],
+)  # fmt: skip
+def test_a_type_not_asked_for_is_not_acceptable(rsps, client, content_type, answered):
+    rsps.add(responses.GET, REG + MANIFEST_PATH, body=MANIFEST, content_type=content_type)
+    with pytest.raises(UpstreamNotAcceptable) as refused:
+        client.get_manifest("library/alpine", "latest", accept=SCHEMA2_ONLY)
+    assert refused.value.media_type == answered
+    assert refused.value.message == (
+        f"upstream answered manifest library/alpine:latest with {answered}, which was not "
+        "asked for"
+    )
+
+
+def test_a_head_answering_a_type_not_asked_for_is_not_acceptable(rsps, client):
+    rsps.add(responses.HEAD, REG + MANIFEST_PATH, headers=manifest_headers())
+    with pytest.raises(UpstreamNotAcceptable) as refused:
+        client.head_manifest("library/alpine", "latest", accept=SCHEMA2_ONLY)
+    assert refused.value.media_type == OCI_INDEX
+    assert [c.request.method for c in rsps.calls] == ["HEAD"]
+
+
+def test_a_manifest_of_all_four_types_still_answers_schema1_as_not_acceptable(rsps, client):
+    schema1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    rsps.add(responses.GET, REG + MANIFEST_PATH, body=b"{}", content_type=schema1)
+    with pytest.raises(UpstreamNotAcceptable):
+        client.get_manifest("library/alpine", "latest")
+
+
 def test_get_manifest_by_digest(rsps, client):
     rsps.add(
         responses.GET,
@@ -1248,6 +1315,57 @@ def test_resolve_non_docker_hub_default():
         assert (client, name) == (reg.default, "alpine")
         assert reg.resolve("mirror.example:8443/team/app") == (reg.default, "team/app")
         with pytest.raises(UpstreamRefused):
+            reg.resolve("docker.io/library/alpine")
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize(
+    ("image", "name"),
+    [
+        ("alpine", "library/alpine"),
+        ("bitnami/redis", "bitnami/redis"),
+        ("mirror.internal:5000/alpine", "library/alpine"),
+        # Docker Hub's names mean the mirror's copy of Docker Hub's image.
+        ("docker.io/alpine", "library/alpine"),
+        ("docker.io/library/alpine", "library/alpine"),
+        ("index.docker.io/bitnami/redis", "bitnami/redis"),
+    ],
+)
+def test_resolve_default_docker_hub_mirror(image, name):
+    reg = UpstreamRegistry(
+        "https://mirror.internal:5000", docker_hub_mirrors=["Mirror.Internal:5000"]
+    )
+    try:
+        assert reg.resolve(image) == (reg.default, name)
+        assert reg.registry_of(reg.default) == "mirror.internal:5000"
+        assert reg.registry_host("docker.io") == "mirror.internal:5000"
+    finally:
+        reg.close()
+
+
+def test_resolve_extra_docker_hub_mirror_and_docker_hub():
+    reg = UpstreamRegistry(
+        "https://r.example",
+        {
+            "mirror.gcr.io": "https://mirror.gcr.io",
+            "hub.example": "https://registry-1.docker.io",
+            "ghcr.io": "https://ghcr.io",
+        },
+        docker_hub_mirrors=["mirror.gcr.io"],
+    )
+    try:
+        client, name = reg.resolve("mirror.gcr.io/alpine")
+        assert (reg.registry_of(client), name) == ("mirror.gcr.io", "library/alpine")
+        # Docker Hub itself, configured as an extra upstream, needs no mark.
+        client, name = reg.resolve("hub.example/alpine")
+        assert (reg.registry_of(client), name) == ("hub.example", "library/alpine")
+        client, name = reg.resolve("ghcr.io/single")
+        assert (reg.registry_of(client), name) == ("ghcr.io", "single")
+        # The default upstream is not a mirror: its names are not prefixed, and Docker Hub's
+        # names go nowhere.
+        assert reg.resolve("alpine") == (reg.default, "alpine")
+        with pytest.raises(UpstreamRefused, match="not configured"):
             reg.resolve("docker.io/library/alpine")
     finally:
         reg.close()

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from ..upstream.client import MANIFEST_ACCEPT
 from .meta import Base
 from .types import UTCDateTime, utcnow
 
@@ -74,15 +75,23 @@ class CachedManifest(Base):
 
 
 class CachedTag(Base):
-    """Where a tag pointed when upstream last confirmed it."""
+    """Where a tag pointed, for one set of accepted manifest types, when upstream last
+    confirmed it.
+
+    A registry answers a tag by what the client accepts (a platform manifest to a client that
+    takes no manifest list), so each set has an answer of its own. `accept` is the Accept
+    header that asked upstream for it (`ManifestAccept.header`); rows written without one are
+    the answer to the four types every current client accepts.
+    """
 
     __tablename__ = "depproxy_tags"
-    __table_args__ = (UniqueConstraint("group_id", "image", "tag"),)
+    __table_args__ = (UniqueConstraint("group_id", "image", "tag", "accept"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     group_id: Mapped[int] = mapped_column(ForeignKey("depproxy_groups.id", ondelete="CASCADE"))
     image: Mapped[str] = mapped_column(String(255))
     tag: Mapped[str] = mapped_column(String(128))
+    accept: Mapped[str] = mapped_column(String(255), server_default=MANIFEST_ACCEPT)
     digest: Mapped[str] = mapped_column(String(135))
     revalidated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

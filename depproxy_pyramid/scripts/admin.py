@@ -182,7 +182,9 @@ def _registry(settings: Settings, name: str | None, *, configured: bool = True) 
     """
     if name is None:
         return default_registry_host(settings.upstream_url)
-    hosts = registry_hosts(settings.upstream_url, settings.upstream_registries)
+    hosts = registry_hosts(
+        settings.upstream_url, settings.upstream_registries, settings.upstream_docker_hub_mirrors
+    )
     registry = hosts.get(name.lower(), None if configured else name.lower())
     if registry is None:
         raise CommandError(

@@ -35,6 +35,7 @@ def upstreams_from_settings(settings: Settings) -> UpstreamRegistry:
         instance_credentials=instance_credentials,
         credential_groups=settings.upstream_credential_groups,
         realms=settings.upstream_realms,
+        docker_hub_mirrors=settings.upstream_docker_hub_mirrors,
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
     )

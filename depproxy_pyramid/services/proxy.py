@@ -51,13 +51,17 @@ from ..settings import Settings
 from ..storage import BlobNotFound, Storage
 from ..storage.filesystem import accel_redirect_uri
 from ..upstream import (
+    ALL_MANIFESTS,
     OCI_INDEX,
     BlobRef,
     Credentials,
+    Manifest,
+    ManifestAccept,
     UpstreamAuthFailed,
     UpstreamBadDigest,
     UpstreamError,
     UpstreamInvalid,
+    UpstreamNotAcceptable,
     UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -208,6 +212,12 @@ def _digest_matches(digest: str, content: bytes) -> bool:
         return False
 
 
+def _manifest_label(image: str, reference: str, accept: ManifestAccept) -> str:
+    """How a client's error names the manifest: with the types asked for, unless all four."""
+    label = f"{image}@{reference}" if ":" in reference else f"{image}:{reference}"
+    return label if accept == ALL_MANIFESTS else f"{label} (as {accept.header})"
+
+
 def storage_key(group_id: int, kind: str, digest: str) -> str:
     algorithm, _, hexdigest = digest.partition(":")
     return f"{group_id}/{kind}/{algorithm}/{hexdigest}"
@@ -235,6 +245,15 @@ def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> Regist
         error.message,
         f" ({particulars})" if particulars else "",
     )
+    if isinstance(error, UpstreamNotAcceptable):
+        return RegistryError(
+            404,
+            unknown_code,
+            f"{what} is not available upstream as a type the request's Accept header lists: "
+            f"upstream answered with {error.media_type}",
+            detail,
+            {"Vary": "Accept"},
+        )
     if isinstance(error, UpstreamNotFound):
         return RegistryError(
             404,
@@ -317,9 +336,9 @@ class ProxyService:
         self._blob_rows: BoundedCache[tuple[int, str], BlobRecord] = BoundedCache(
             BLOB_ROWS_KEPT, ttl=settings.lookup_cache_seconds
         )
-        self._manifest_locks: weakref.WeakValueDictionary[tuple[int, str, str], _KeyLock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._manifest_locks: weakref.WeakValueDictionary[
+            tuple[int, str, str, str], _KeyLock
+        ] = weakref.WeakValueDictionary()
         self._manifest_locks_guard = threading.Lock()
 
     @contextmanager
@@ -369,8 +388,38 @@ class ProxyService:
 
     # Manifests
 
-    def manifest(self, group: GroupUpstream, image: str, reference: str) -> ServedManifest:
-        found = self._lookup_manifest(group.group_id, image, reference)
+    def manifest(
+        self,
+        group: GroupUpstream,
+        image: str,
+        reference: str,
+        accept: ManifestAccept = ALL_MANIFESTS,
+    ) -> ServedManifest:
+        """The manifest for a tag or digest, of a type in `accept`, or 404 MANIFEST_UNKNOWN.
+
+        A tag is asked for, cached and revalidated with `accept`: registries answer a tag by
+        what the client accepts (a platform manifest to a client that takes no manifest list).
+        A digest names the same bytes whatever the Accept, so it is fetched with all four types
+        and kept for every client, but served only to one that accepts its type.
+        """
+        if ":" not in reference:
+            return self._manifest(group, image, reference, accept)
+        served = self._manifest(group, image, reference, ALL_MANIFESTS)
+        if served.media_type not in accept.media_types:
+            raise RegistryError(
+                404,
+                "MANIFEST_UNKNOWN",
+                f"{image}@{reference} is a manifest of type {served.media_type}, which the "
+                "request's Accept header does not list",
+                {"media_type": served.media_type},
+                {"Vary": "Accept"},
+            )
+        return served
+
+    def _manifest(
+        self, group: GroupUpstream, image: str, reference: str, accept: ManifestAccept
+    ) -> ServedManifest:
+        found = self._lookup_manifest(group.group_id, image, reference, accept)
         if found is not None:
             tag, kept = found
             fresh = tag is None or (
@@ -384,20 +433,23 @@ class ProxyService:
             except UpstreamBusy as error:
                 self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
                 return self._stale(image, reference, kept, error)
-            return self._revalidate_by_deadline(slot, group, image, reference, kept)
+            return self._revalidate_by_deadline(slot, group, image, reference, accept, kept)
         # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts. The
         # ones waiting for it wait on upstream too, so each holds a slot.
         with (
             self._slot(
-                self._registry(image), "manifest", f"{image}:{reference}", "MANIFEST_UNKNOWN"
+                self._registry(image),
+                "manifest",
+                _manifest_label(image, reference, accept),
+                "MANIFEST_UNKNOWN",
             ),
-            self._manifest_fetch_lock((group.group_id, image, reference)),
+            self._manifest_fetch_lock((group.group_id, image, reference, accept.header)),
         ):
-            found = self._lookup_manifest(group.group_id, image, reference)
+            found = self._lookup_manifest(group.group_id, image, reference, accept)
             if found is not None:
                 _, kept = found
                 return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
-            return self._fetch_manifest(group, image, reference, result=Result.MISS)
+            return self._fetch_manifest(group, image, reference, accept, result=Result.MISS)
 
     def _slot(self, registry: str, kind: str, what: str, unknown_code: str) -> Slot:
         """A slot of the upstream budget, or the registry error telling the client to retry."""
@@ -419,7 +471,7 @@ class ProxyService:
         return self.gate.breaker(self.upstreams.registry_of(client))
 
     @contextmanager
-    def _manifest_fetch_lock(self, key: tuple[int, str, str]) -> Iterator[None]:
+    def _manifest_fetch_lock(self, key: tuple[int, str, str, str]) -> Iterator[None]:
         with self._manifest_locks_guard:
             holder = self._manifest_locks.get(key)
             if holder is None:
@@ -429,9 +481,10 @@ class ProxyService:
             yield
 
     def _lookup_manifest(
-        self, group_id: int, image: str, reference: str
+        self, group_id: int, image: str, reference: str, accept: ManifestAccept
     ) -> tuple[CachedTag | None, KeptManifest] | None:
-        """The cached manifest for a tag or digest, with the tag row (None for a digest)."""
+        """The cached manifest for a tag (its answer to `accept`) or digest, with the tag row
+        (None for a digest)."""
         tag = None
         if ":" not in reference:
             with self._transaction() as session:
@@ -440,6 +493,7 @@ class ProxyService:
                         CachedTag.group_id == group_id,
                         CachedTag.image == image,
                         CachedTag.tag == reference,
+                        CachedTag.accept == accept.header,
                     )
                 )
             if tag is None:
@@ -481,7 +535,13 @@ class ProxyService:
         return KeptManifest(cached.id, digest, content, cached.content_type)
 
     def _revalidate_by_deadline(
-        self, slot: Slot, group: GroupUpstream, image: str, tag: str, kept: KeptManifest
+        self,
+        slot: Slot,
+        group: GroupUpstream,
+        image: str,
+        tag: str,
+        accept: ManifestAccept,
+        kept: KeptManifest,
     ) -> ServedManifest:
         """The tag revalidated with upstream, or its cached copy when upstream has not answered
         within `depproxy.upstream.revalidate_timeout`.
@@ -493,7 +553,7 @@ class ProxyService:
 
         def revalidate() -> ServedManifest:
             with slot:
-                return self._revalidate(group, image, tag, kept)
+                return self._revalidate(group, image, tag, accept, kept)
 
         future = self._revalidations.submit(revalidate)
         try:
@@ -514,18 +574,20 @@ class ProxyService:
         group: GroupUpstream,
         image: str,
         tag: str,
+        accept: ManifestAccept,
         cached: KeptManifest,
     ) -> ServedManifest:
         client, name, credentials = self._resolve(group, image)
         try:
             with self._breaker(client).call():
-                current = client.head_manifest(name, tag, credentials=credentials)
+                current = client.head_manifest(name, tag, credentials=credentials, accept=accept)
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             return self._stale(image, tag, cached, error)
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
-            raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{tag}") from error
+            what = _manifest_label(image, tag, accept)
+            raise upstream_error(error, "MANIFEST_UNKNOWN", what) from error
         if current.digest == cached.digest:
             with self._transaction() as session:
                 session.execute(
@@ -534,13 +596,14 @@ class ProxyService:
                         CachedTag.group_id == group.group_id,
                         CachedTag.image == image,
                         CachedTag.tag == tag,
+                        CachedTag.accept == accept.header,
                     )
                     .values(revalidated_at=datetime.now(UTC))
                 )
             return ServedManifest(
                 cached.content, cached.content_type, cached.digest, Result.HIT, 200
             )
-        return self._fetch_manifest(group, image, tag, result=Result.MISS, stale=cached)
+        return self._fetch_manifest(group, image, tag, accept, result=Result.MISS, stale=cached)
 
     def _stale(
         self, image: str, reference: str, kept: KeptManifest, error: UpstreamError
@@ -577,6 +640,7 @@ class ProxyService:
         group: GroupUpstream,
         image: str,
         reference: str,
+        accept: ManifestAccept,
         *,
         result: Result,
         stale: KeptManifest | None = None,
@@ -584,16 +648,26 @@ class ProxyService:
         client, name, credentials = self._resolve(group, image)
         try:
             with self._breaker(client).call():
-                manifest = client.get_manifest(name, reference, credentials=credentials)
+                manifest = client.get_manifest(
+                    name, reference, credentials=credentials, accept=accept
+                )
         except UpstreamError as error:
             self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
             if stale is not None and isinstance(error, UpstreamUnavailable | UpstreamRateLimited):
                 return self._stale(image, reference, stale, error)
-            raise upstream_error(error, "MANIFEST_UNKNOWN", f"{image}:{reference}") from error
-        self._store_manifest(group.group_id, image, reference, manifest)
+            what = _manifest_label(image, reference, accept)
+            raise upstream_error(error, "MANIFEST_UNKNOWN", what) from error
+        self._store_manifest(group.group_id, image, reference, accept, manifest)
         return ServedManifest(manifest.content, manifest.media_type, manifest.digest, result, 200)
 
-    def _store_manifest(self, group_id: int, image: str, reference: str, manifest) -> None:
+    def _store_manifest(
+        self,
+        group_id: int,
+        image: str,
+        reference: str,
+        accept: ManifestAccept,
+        manifest: Manifest,
+    ) -> None:
         key = storage_key(group_id, "manifests", manifest.digest)
         fd, path = tempfile.mkstemp(dir=self.storage.spool_dir, prefix="manifest-")
         with os.fdopen(fd, "wb") as spool:
@@ -614,7 +688,7 @@ class ProxyService:
         if ":" not in reference:
             self._record(
                 CachedTag,
-                {"group_id": group_id, "image": image, "tag": reference},
+                {"group_id": group_id, "image": image, "tag": reference, "accept": accept.header},
                 {"digest": manifest.digest, "revalidated_at": now},
             )
 

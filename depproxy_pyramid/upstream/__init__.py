@@ -10,14 +10,17 @@
 
 from .challenge import Challenge, parse_challenges
 from .client import (
+    ALL_MANIFESTS,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MANIFEST_ACCEPT,
+    MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
     OCI_INDEX,
     OCI_MANIFEST,
     BlobRef,
     Manifest,
+    ManifestAccept,
     ManifestRef,
     UpstreamClient,
 )
@@ -26,6 +29,7 @@ from .errors import (
     UpstreamBadDigest,
     UpstreamError,
     UpstreamInvalid,
+    UpstreamNotAcceptable,
     UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -38,9 +42,11 @@ from .tokens import Credentials
 from .transport import BlobResponse
 
 __all__ = [
+    "ALL_MANIFESTS",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "MANIFEST_ACCEPT",
+    "MANIFEST_TYPES",
     "MAX_MANIFEST_SIZE",
     "OCI_INDEX",
     "OCI_MANIFEST",
@@ -49,12 +55,14 @@ __all__ = [
     "Challenge",
     "Credentials",
     "Manifest",
+    "ManifestAccept",
     "ManifestRef",
     "UpstreamAuthFailed",
     "UpstreamBadDigest",
     "UpstreamClient",
     "UpstreamError",
     "UpstreamInvalid",
+    "UpstreamNotAcceptable",
     "UpstreamNotFound",
     "UpstreamRateLimited",
     "UpstreamRefused",

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -17,6 +17,7 @@ from .challenge import parse_challenges
 from .errors import (
     UpstreamAuthFailed,
     UpstreamBadDigest,
+    UpstreamNotAcceptable,
     UpstreamRefused,
     UpstreamUnavailable,
 )
@@ -49,14 +50,43 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
-# Exactly the four current manifest formats, and deliberately no "*/*": registries negotiate
-# on Accept, and anything broader lets them answer with legacy schema1 (whose signed bytes do
-# not hash to the digest the registry reports) or convert/narrow the manifest. The cache must
-# hold the canonical object a digest names, independent of what the downstream client accepts,
-# so we always ask for the richest form (an index for multi-arch images).
-MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
-MANIFEST_MEDIA_TYPES = frozenset((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+# The four current manifest formats, in the order we list them when asking upstream. Never
+# "*/*": registries negotiate on Accept, and anything broader lets them answer with legacy
+# schema1 (whose signed bytes do not hash to the digest the registry reports).
+MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)
+MANIFEST_MEDIA_TYPES = frozenset(MANIFEST_TYPES)
+# Docker's schema 1, which registries still convert to for clients that accept neither the
+# manifest list nor schema 2 they hold. We never serve it.
+_SCHEMA1_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
 NOT_A_MANIFEST = "upstream sent something that is not a manifest"
+
+
+@dataclass(frozen=True)
+class ManifestAccept:
+    """The manifest types a pull accepts (some of the four), and `header`, the Accept that asks
+    upstream for exactly them. The order is fixed, so one set always makes one header: it is
+    what a tag's cached answer is keyed by."""
+
+    media_types: frozenset[str]
+    header: str
+
+    @classmethod
+    def of(cls, media_types: Iterable[str]) -> ManifestAccept:
+        chosen = frozenset(media_types)
+        if not chosen or not chosen <= MANIFEST_MEDIA_TYPES:
+            raise ValueError(f"not a set of manifest media types: {sorted(chosen)}")
+        return cls(chosen, ", ".join(t for t in MANIFEST_TYPES if t in chosen))
+
+
+# What docker, containerd and podman accept. Registries answer them with the richest form (an
+# index for a multi-arch image), which is what a digest in an index or list refers to.
+ALL_MANIFESTS = ManifestAccept.of(MANIFEST_TYPES)
+MANIFEST_ACCEPT = ALL_MANIFESTS.header
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # Some registries omit Content-Type or send a generic one; then the manifest's own mediaType
@@ -146,6 +176,18 @@ def manifest_media_type(content_type: str, content: bytes) -> str:
     return media_type
 
 
+def check_acceptable(media_type: str, accept: ManifestAccept, what: str) -> None:
+    """UpstreamNotAcceptable when upstream answered with a manifest type that was not asked for:
+    one of the four outside `accept`, or schema 1. Anything else is left to the caller."""
+    if media_type in _SCHEMA1_MEDIA_TYPES or (
+        media_type in MANIFEST_MEDIA_TYPES and media_type not in accept.media_types
+    ):
+        raise UpstreamNotAcceptable(
+            f"upstream answered {what} with {media_type}, which was not asked for",
+            media_type=media_type,
+        )
+
+
 class UpstreamClient:
     """Pull-only client for one upstream registry, safe to share between threads.
 
@@ -196,22 +238,21 @@ class UpstreamClient:
         name: str,
         reference: str,
         credentials: Credentials | None = None,
+        accept: ManifestAccept = ALL_MANIFESTS,
     ) -> ManifestRef:
-        """The manifest's digest, type and size."""
+        """The digest, type and size of the manifest upstream has for `accept`."""
         _check_name(name)
         by_digest = _is_digest(reference)
+        what = _manifest_label(name, reference)
         resp = self._registry_request(
-            "HEAD",
-            name,
-            f"manifests/{reference}",
-            credentials,
-            {"Accept": MANIFEST_ACCEPT},
+            "HEAD", name, f"manifests/{reference}", credentials, {"Accept": accept.header}
         )
         resp.close()
-        raise_for_status(resp, _manifest_label(name, reference))
+        raise_for_status(resp, what)
         digest = resp.headers.get("Docker-Content-Digest", "").strip()
         media_type = content_type_of(resp)
         size = content_length(resp)
+        check_acceptable(media_type, accept, what)
         if media_type not in _GENERIC_CONTENT_TYPES | MANIFEST_MEDIA_TYPES:
             raise UpstreamInvalid(
                 NOT_A_MANIFEST, detail=f"HEAD of {_manifest_label(name, reference)}: {media_type}"
@@ -221,7 +262,7 @@ class UpstreamClient:
             or media_type in _GENERIC_CONTENT_TYPES
             or size is None
         ):
-            manifest = self.get_manifest(name, reference, credentials)
+            manifest = self.get_manifest(name, reference, credentials, accept)
             return ManifestRef(manifest.digest, manifest.media_type, manifest.size)
         if by_digest and digest != reference:
             raise UpstreamBadDigest(
@@ -230,15 +271,26 @@ class UpstreamClient:
         return ManifestRef(digest, media_type, size)
 
     def get_manifest(
-        self, name: str, reference: str, credentials: Credentials | None = None
+        self,
+        name: str,
+        reference: str,
+        credentials: Credentials | None = None,
+        accept: ManifestAccept = ALL_MANIFESTS,
     ) -> Manifest:
+        """The manifest upstream has for `accept`; UpstreamNotAcceptable if it answers with
+        another type."""
         _check_name(name)
         by_digest = _is_digest(reference)
         what = _manifest_label(name, reference)
         resp = self._registry_request(
-            "GET", name, f"manifests/{reference}", credentials, {"Accept": MANIFEST_ACCEPT}
+            "GET", name, f"manifests/{reference}", credentials, {"Accept": accept.header}
         )
         raise_for_status(resp, what)
+        try:
+            check_acceptable(content_type_of(resp), accept, what)
+        except UpstreamNotAcceptable:
+            resp.close()
+            raise
         try:
             content = read_capped(resp, MAX_MANIFEST_SIZE, what)
         finally:
@@ -264,6 +316,8 @@ class UpstreamClient:
         except UpstreamInvalid as error:
             error.detail = f"{what}: {error.detail}"
             raise
+        # A generic Content-Type left the body to say which type it is.
+        check_acceptable(media_type, accept, what)
         return Manifest(content, media_type, digest)
 
     def head_blob(self, name: str, digest: str, credentials: Credentials | None = None) -> BlobRef:

@@ -48,6 +48,16 @@ class UpstreamNotFound(UpstreamError):
     """The repository, manifest or blob does not exist upstream, or we may not see it."""
 
 
+class UpstreamNotAcceptable(UpstreamNotFound):
+    """Upstream answered with a manifest type the pull did not ask for (it ignored the Accept it
+    was sent, or converted to a type we never serve): for that pull, there is no manifest.
+    `media_type` is what upstream answered with."""
+
+    def __init__(self, message: str, *, media_type: str, status: int | None = None) -> None:
+        super().__init__(message, status=status)
+        self.media_type = media_type
+
+
 class UpstreamAuthFailed(UpstreamError):
     """The upstream's token endpoint (or a Basic-auth registry) rejected our credentials."""
 

@@ -20,16 +20,27 @@ def default_registry_host(default_url: str) -> str:
     return urlsplit(default_url).netloc.lower()
 
 
-def registry_hosts(default_url: str, extra_hosts: Iterable[str] = ()) -> dict[str, str]:
+def is_docker_hub(url: str) -> bool:
+    """Whether `url` is Docker Hub's registry (under any of its names)."""
+    return urlsplit(url).hostname in _DOCKER_HUB_HOSTS
+
+
+def registry_hosts(
+    default_url: str, extra_hosts: Iterable[str] = (), docker_hub_mirrors: Iterable[str] = ()
+) -> dict[str, str]:
     """Every host name an image may start with -> the registry host it stands for.
 
     The registry host is what credentials and realms are configured under: the host[:port] of
     the default upstream's URL, or an extra upstream's host as `depproxy.upstream.registries`
-    names it. The default upstream's own names route to it, so "docker.io/library/alpine"
-    works as well as "alpine".
+    names it. The default upstream's own names route to it; so do Docker Hub's when it is
+    Docker Hub or one of `docker_hub_mirrors`, so "docker.io/library/alpine" works as well as
+    "alpine" (through a mirror, that name means the image the mirror holds for Docker Hub).
     """
     default = default_registry_host(default_url)
-    names = _DOCKER_HUB_HOSTS if urlsplit(default_url).hostname in _DOCKER_HUB_HOSTS else {default}
+    mirrors = {host.lower() for host in docker_hub_mirrors}
+    names = {default}
+    if is_docker_hub(default_url) or default in mirrors:
+        names |= _DOCKER_HUB_HOSTS
     hosts = dict.fromkeys(names, default)
     hosts.update({host.lower(): host.lower() for host in extra_hosts})
     return hosts
@@ -50,6 +61,9 @@ class UpstreamRegistry:
     `instance_credentials` are for the default upstream only, and only for the groups in
     `credential_groups` (paths, each with its subgroups, or `*`). `realms` maps a registry host
     to the token realm hosts, besides its own, that may receive its credentials.
+    `docker_hub_mirrors` are registry hosts (configured upstreams) that serve Docker Hub's
+    repositories under Docker Hub's names, so a one-segment name gets `library/` there as it
+    does on Docker Hub.
     """
 
     def __init__(
@@ -60,12 +74,14 @@ class UpstreamRegistry:
         instance_credentials: Credentials | None = None,
         credential_groups: Iterable[str] = (),
         realms: Mapping[str, Iterable[str]] | None = None,
+        docker_hub_mirrors: Iterable[str] = (),
         connect_timeout: float = 5,
         read_timeout: float = 30,
         user_agent: str = "depproxy-pyramid",
     ) -> None:
         extra = {host.lower(): url for host, url in (extra_hosts or {}).items()}
-        self._hosts = registry_hosts(default_url, extra)
+        mirrors = {host.lower() for host in docker_hub_mirrors}
+        self._hosts = registry_hosts(default_url, extra, mirrors)
         allowed_realms: dict[str, list[str]] = {}
         for host, realm_hosts in (realms or {}).items():
             registry = self._hosts.get(host.lower(), host.lower())
@@ -86,7 +102,6 @@ class UpstreamRegistry:
 
         self.default_host = default_registry_host(default_url)
         self.default = client(default_url, self.default_host)
-        self._docker_hub = urlsplit(self.default.base_url).hostname in _DOCKER_HUB_HOSTS
         extra_clients = {host: client(url, host) for host, url in extra.items()}
         self._clients: dict[str, UpstreamClient] = {
             host: self.default for host in self._hosts if host not in extra
@@ -94,6 +109,12 @@ class UpstreamRegistry:
         self._clients.update(extra_clients)
         self._registry_of = {self.default: self.default_host}
         self._registry_of.update({c: host for host, c in extra_clients.items()})
+        # Docker Hub keeps its official images under `library/`, and so does a mirror of it.
+        self._library_prefixed = frozenset(
+            client
+            for client, host in self._registry_of.items()
+            if is_docker_hub(client.base_url) or host in mirrors
+        )
         self.instance_credentials = instance_credentials
         self.credential_groups = tuple(credential_groups)
 
@@ -121,7 +142,7 @@ class UpstreamRegistry:
         else:
             client, name = self.default, image
         _check_name(name)
-        if client is self.default and self._docker_hub and "/" not in name:
+        if client in self._library_prefixed and "/" not in name:
             name = f"library/{name}"
         return client, name
 

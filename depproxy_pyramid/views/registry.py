@@ -14,6 +14,7 @@ from webob.byterange import Range
 
 from ..errors import RegistryError, method_not_allowed
 from ..names import Repository, is_digest, is_tag, parse_repository
+from ..negotiation import accepted_manifests
 from ..permissions import Permission
 from ..requestlog import RequestRecord, Result
 from ..resources import RepositoryResource, Root
@@ -192,7 +193,8 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
     release_request_connection(request)
     try:
         if kind == "manifest":
-            manifest = service.manifest(upstream, repository.image, context.reference)
+            accept = accepted_manifests(request.headers.get("Accept"))
+            manifest = service.manifest(upstream, repository.image, context.reference, accept)
             return manifest_response(manifest, record)
         answer = service.blob(
             upstream,
@@ -231,6 +233,10 @@ def manifest_response(manifest: ServedManifest, record: RequestRecord) -> Respon
     response.content_type = manifest.media_type
     response.headers["Docker-Content-Digest"] = manifest.digest
     response.headers["ETag"] = f'"{manifest.digest}"'
+    # Which manifest a tag names, and whether a digest's is served at all, depends on Accept:
+    # a cache in front (a CDN, nginx's proxy_cache) must not give one client's answer to
+    # another that accepts other types.
+    response.vary = ("Accept",)
     response.conditional_response = True
     return response
 

@@ -91,6 +91,10 @@ class RelayedRequest:
     path: str
     kind: str
     fault: Fault
+    accept: str | None = None
+    # Whether it carried credentials: a request without is usually answered with a challenge
+    # and sent again with a token.
+    authorized: bool = False
 
     @property
     def digest(self) -> str | None:
@@ -237,7 +241,16 @@ class Relay:
             def _relay(self) -> None:
                 kind = classify(self.path)
                 fault = relay._fault_for(kind)
-                relay._record(RelayedRequest(self.command, self.path, kind, fault))
+                relay._record(
+                    RelayedRequest(
+                        self.command,
+                        self.path,
+                        kind,
+                        fault,
+                        self.headers["Accept"],
+                        "Authorization" in self.headers,
+                    )
+                )
                 if fault is Fault.DOWN:
                     self._reset()
                     return
