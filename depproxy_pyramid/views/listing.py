@@ -13,7 +13,6 @@ from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.view import view_config
 
-from ..errors import RegistryError
 from ..permissions import Permission
 from ..requestlog import RequestRecord
 from ..services.listing import (
@@ -28,33 +27,9 @@ from ..upstream import OCI_INDEX
 from .registry import (
     PULL_METHODS,
     ReferrersTarget,
-    RegistryTarget,
     TagListTarget,
-    release_request_connection,
+    recorded,
 )
-
-
-def _start(request: Request, context: RegistryTarget) -> tuple[ProxyService, RequestRecord]:
-    service: ProxyService = request.registry["depproxy.proxy"]
-    repository = context.repository
-    record = RequestRecord.start(
-        request,
-        service.metrics,
-        context.kind,
-        {
-            "group": repository.group_path,
-            "image": repository.image,
-            "kind": context.kind,
-            "reference": context.reference,
-        },
-    )
-    release_request_connection(request)
-    return service, record
-
-
-def _failed(record: RequestRecord, error: RegistryError) -> None:
-    detail = error.detail if isinstance(error.detail, dict) else {}
-    record.failed(detail.get("upstream_status"))
 
 
 def _json_response(
@@ -76,16 +51,13 @@ def _json_response(
 def tag_list_view(context: TagListTarget, request: Request) -> Response:
     """`{"name", "tags"}` with the client's own repository name, and a `Link` to the next
     page (on this proxy) when there is one."""
-    service, record = _start(request, context)
+    service: ProxyService = request.registry["depproxy.proxy"]
     name = context.repository.name
-    try:
+    with recorded(request, context, context.kind) as record:
         query = TagQuery.of(request.GET)
         listing = service.tag_list(
             GroupUpstream(context.group.group.id), context.repository.image, query
         )
-    except RegistryError as error:
-        _failed(record, error)
-        raise
     body = {"name": name, "tags": listing.content["tags"]}
     response = _json_response(listing, record, body, "application/json")
     following = next_query(listing.content)
@@ -103,15 +75,12 @@ def tag_list_view(context: TagListTarget, request: Request) -> Response:
 def referrers_view(context: ReferrersTarget, request: Request) -> Response:
     """An OCI image index of the subject's referrers, filtered by `artifactType` when asked
     (and then saying so in `OCI-Filters-Applied`); an empty one when there are none."""
-    service, record = _start(request, context)
-    try:
+    service: ProxyService = request.registry["depproxy.proxy"]
+    with recorded(request, context, context.kind) as record:
         artifact_type = artifact_type_of(request.GET)
         listing = service.referrers(
             GroupUpstream(context.group.group.id), context.repository.image, context.reference
         )
-    except RegistryError as error:
-        _failed(record, error)
-        raise
     body = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,

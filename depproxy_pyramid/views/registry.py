@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -178,10 +180,30 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
     service = _service(request)
     upstream = GroupUpstream(context.group.group.id)
     kind = "manifest" if context.kind == "manifests" else "blob"
+    image = context.repository.image
+    with recorded(request, context, kind) as record:
+        if kind == "manifest":
+            accept = accepted_manifests(request.headers.get("Accept"))
+            manifest = service.manifest(upstream, image, context.reference, accept)
+            return manifest_response(manifest, record)
+        answer = service.blob(
+            upstream,
+            image,
+            context.reference,
+            head=request.method == "HEAD",
+            byte_range=single_byte_range(request),
+        )
+        return blob_response(request, answer, record)
+
+
+@contextmanager
+def recorded(request: Request, context: RegistryTarget, kind: str) -> Iterator[RequestRecord]:
+    """The request's record, started once it is authorized; a registry error raised inside is
+    recorded as the request's failure."""
     repository = context.repository
     record = RequestRecord.start(
         request,
-        service.metrics,
+        _service(request).metrics,
         kind,
         {
             "group": repository.group_path,
@@ -192,18 +214,7 @@ def registry_view(context: RegistryTarget, request: Request) -> Response:
     )
     release_request_connection(request)
     try:
-        if kind == "manifest":
-            accept = accepted_manifests(request.headers.get("Accept"))
-            manifest = service.manifest(upstream, repository.image, context.reference, accept)
-            return manifest_response(manifest, record)
-        answer = service.blob(
-            upstream,
-            repository.image,
-            context.reference,
-            head=request.method == "HEAD",
-            byte_range=single_byte_range(request),
-        )
-        return blob_response(request, answer, record)
+        yield record
     except RegistryError as error:
         detail = error.detail if isinstance(error.detail, dict) else {}
         record.failed(detail.get("upstream_status"))
