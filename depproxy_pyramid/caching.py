@@ -77,6 +77,12 @@ class BoundedCache(Generic[K, V]):
         with self._lock:
             self._remove(key)
 
+    def discard_where(self, predicate: Callable[[K], bool]) -> None:
+        """Drop every entry whose key `predicate` holds for."""
+        with self._lock:
+            for key in [key for key in self._entries if predicate(key)]:
+                self._remove(key)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

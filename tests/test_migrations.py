@@ -17,7 +17,7 @@ from depproxy_pyramid.models import Base, Group, get_engine
 from depproxy_pyramid.upstream import MANIFEST_ACCEPT
 from tests.conftest import Database
 
-HEAD = "0004"
+HEAD = "0005"
 TABLES = {
     "depproxy_groups",
     "depproxy_users",
@@ -31,6 +31,7 @@ TABLES = {
     "depproxy_manifests",
     "depproxy_tags",
     "depproxy_listings",
+    "depproxy_audit_events",
 }
 
 

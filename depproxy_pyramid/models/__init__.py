@@ -23,6 +23,7 @@ from .accounts import (
     User,
     Visibility,
 )
+from .audit import AuditEvent
 from .cache import (
     CachedBlob,
     CachedListing,
@@ -34,6 +35,7 @@ from .cache import (
 from .meta import Base
 
 __all__ = [
+    "AuditEvent",
     "Base",
     "CacheStatus",
     "CachedBlob",

@@ -5,8 +5,9 @@ pyramid_tm transaction: a blob fill finishes after the request's transaction has
 concurrent insert of the same cache row must not poison the request.
 
 A hit asks the database as little as it can: a manifest by digest never changes, so its bytes
-stay in memory (a few MiB, least recently used out first); a cached blob's row is reused for
-`depproxy.lookup_cache_seconds`; read_at is written in batches (`ReadTimes`).
+stay in memory (a few MiB, least recently used out first), and like a cached blob's row are
+looked up again only after `depproxy.lookup_cache_seconds` (a purge elsewhere is seen within
+that time); read_at is written in batches (`ReadTimes`).
 """
 
 from __future__ import annotations
@@ -330,8 +331,12 @@ class ProxyService:
             settings.upstream_max_in_flight, thread_name_prefix="revalidate"
         )
         self.read_times = ReadTimes(session_factory)
+        # Bytes never change, but a purge in another process ends the row they came from: they
+        # are looked up again after as long as any other row.
         self._kept_manifests: BoundedCache[tuple[int, str, str], KeptManifest] = BoundedCache(
-            MANIFEST_MEMORY_BYTES, size_of=lambda kept: len(kept.content)
+            MANIFEST_MEMORY_BYTES,
+            ttl=settings.lookup_cache_seconds,
+            size_of=lambda kept: len(kept.content),
         )
         self._blob_rows: BoundedCache[tuple[int, str], BlobRecord] = BoundedCache(
             BLOB_ROWS_KEPT, ttl=settings.lookup_cache_seconds
@@ -796,6 +801,11 @@ class ProxyService:
         assert isinstance(record, BlobRecord)
         self.read_times.touch(CachedBlob, record.id)
         return record
+
+    def forget_group(self, group_id: int) -> None:
+        """Drop what this process keeps in memory of the group's cache, after a purge."""
+        self._kept_manifests.discard_where(lambda key: key[0] == group_id)
+        self._blob_rows.discard_where(lambda key: key[0] == group_id)
 
     def forget_blob(self, row: BlobRecord) -> None:
         """Drop a row whose object vanished from storage, so the next request refills it."""
