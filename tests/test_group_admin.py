@@ -1,13 +1,16 @@
-"""Purge marks a group's cache for destruction and records itself; other groups keep theirs."""
+"""Purge and the other group administration services: each change audited, other groups' caches
+untouched."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import func, select
 
 from depproxy_pyramid.audit import CLI_ACTOR, Action, record
 from depproxy_pyramid.caching import BoundedCache
+from depproxy_pyramid.credentials import Keyring
 from depproxy_pyramid.models import (
     AuditEvent,
     CachedBlob,
@@ -19,7 +22,10 @@ from depproxy_pyramid.models import (
     ListingKind,
     Visibility,
 )
+from depproxy_pyramid.services import group_admin
 from depproxy_pyramid.services.purge import PurgeCounts, purge_group
+
+KEYRING = Keyring(["k" * 40])
 
 
 def _cached_group(session, path: str) -> Group:
@@ -92,3 +98,46 @@ def test_discard_where_drops_only_matching_keys():
     cache.discard_where(lambda key: key[0] == 1)
     assert len(cache) == 1 and cache.size == 1
     assert cache.get((2, "a")) == "v"
+
+
+def test_group_admin_changes_are_audited_and_summarised(database):
+    manager, session = database.session()
+    with manager:
+        group = _cached_group(session, "admin-view")
+        group_id = group.id
+    manager, session = database.session()
+    with manager:
+        group = session.get(Group, group_id)
+        config = group_admin.change_proxy(
+            session, group, "user:owner", enabled=False, ttl_enabled=True, ttl_days=7
+        )
+        assert (config.enabled, config.ttl_enabled, config.ttl_days) == (False, True, 7)
+        with pytest.raises(group_admin.InvalidChange):
+            group_admin.change_proxy(session, group, "user:owner", ttl_days=0)
+        group_admin.set_upstream_credentials(
+            session, group, "user:owner", "registry-1.docker.io", "bot", "s3cret", KEYRING
+        )
+        assert group_admin.proxy_config(session, group).credential_registries == (
+            "registry-1.docker.io",
+        )
+        summary = group_admin.cache_summary(session, group_id)
+        assert (summary.manifests, summary.blobs, summary.total_bytes) == (1, 1, 6)
+        images, total = group_admin.cached_images(session, group_id, offset=0, limit=10)
+        assert total == 1 and [(i.image, i.tag) for i in images] == [("library/alpine", "latest")]
+        blobs, total = group_admin.cached_blobs(session, group_id, offset=0, limit=10)
+        assert total == 1 and blobs[0].size == 3
+        group_admin.purge(session, group, "user:owner")
+    manager, session = database.session()
+    with manager:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.group_path == "admin-view").order_by(AuditEvent.id)
+        ).all()
+        assert [(e.actor, e.action) for e in events] == [
+            ("user:owner", "proxy.settings"),
+            ("user:owner", "proxy.ttl_policy"),
+            ("user:owner", "credentials.set"),
+            ("user:owner", "cache.purge"),
+        ]
+        assert json.loads(events[1].detail) == {"enabled": [False, True], "ttl_days": [90, 7]}
+        assert "s3cret" not in " ".join(e.detail for e in events)
+        assert group_admin.cache_summary(session, group_id).manifests == 0
