@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def includeme(config: Configurator) -> None:
-    """What a host portal includes: settings, accounts, models, security, the registry API.
+    """What a host portal includes: settings, accounts, models, security, the registry API
+    and the JSON API.
 
     The add-on takes none of the host's root factory, security policy, session, request
     attributes or transaction settings; see `security.HostAndAddonPolicy`.
@@ -34,6 +35,7 @@ def includeme(config: Configurator) -> None:
     config.include(".security")
     config.include(".services")
     config.include(".views")
+    config.include(".api")
 
 
 def main(global_config: dict, **settings: str) -> Router:

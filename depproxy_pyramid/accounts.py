@@ -70,6 +70,14 @@ class IAccountSource(Interface):
         """
 
 
+class IPersonalAccessTokenSource(Interface):
+    """Optional, beside `IAccountSource`: signs in with a personal access token alone, as the
+    JSON API (`/api/v4/...`) receives one. A source without it opens the API to no one."""
+
+    def authenticate_token(request, token):
+        """The `Account` the live token signs in (with the token's scopes and id), or None."""
+
+
 def valid_account(account: object) -> Account | None:
     """The account a source returned, or None (with a warning) when it is not one: fail closed."""
     if account is None:
@@ -99,7 +107,7 @@ def valid_memberships(memberships: object) -> dict[str, Role]:
     return valid
 
 
-@implementer(IAccountSource)
+@implementer(IAccountSource, IPersonalAccessTokenSource)
 class DatabaseAccounts:
     """The default source: the add-on's own users, personal access tokens and memberships.
 
@@ -126,16 +134,22 @@ class DatabaseAccounts:
             )
         )
         if token is not None:
-            if token.revoked or (
-                token.expires_at is not None and token.expires_at <= datetime.now(UTC)
-            ):
-                return None
-            token.last_used_at = datetime.now(UTC)
-            return _account(user, token.scope_set, token.id)
+            return _token_account(user, token)
         verified = password_check(
             request, self._recently_verified.verify, password, user.password_hash
         )
         return _account(user, frozenset(Scope)) if verified else None
+
+    def authenticate_token(self, request: Request, token: str) -> Account | None:
+        # Looked up by digest: the secret itself is never stored or compared.
+        found = request.depproxy_dbsession.scalar(
+            select(PersonalAccessToken).where(
+                PersonalAccessToken.token_digest == token_digest(token)
+            )
+        )
+        if found is None or not found.user.is_active:
+            return None
+        return _token_account(found.user, found)
 
     def account(self, request: Request, account_id: str) -> Account | None:
         if not account_id.isdigit():
@@ -152,6 +166,13 @@ class DatabaseAccounts:
             .where(Membership.user_id == int(account.id))
         )
         return {path: Role(role) for path, role in rows}
+
+
+def _token_account(user: User, token: PersonalAccessToken) -> Account | None:
+    if token.revoked or (token.expires_at is not None and token.expires_at <= datetime.now(UTC)):
+        return None
+    token.last_used_at = datetime.now(UTC)
+    return _account(user, token.scope_set, token.id)
 
 
 def _account(user: User, scopes: frozenset[str], token_id: int | None = None) -> Account:

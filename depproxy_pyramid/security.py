@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from .accounts import Account, IAccountSource, valid_account, valid_memberships
 from .addresses import client_address, in_networks, networks
+from .api.auth import API_PATHS, api_account, is_api_path
 from .caching import MISSING, BoundedCache
 from .credentials import token_digest
 from .errors import RegistryError
@@ -64,8 +65,9 @@ ANONYMOUS_SUBJECT = "anonymous"
 MAX_BASIC_HEADER = 4096
 TOKEN_PATH = "/jwt/auth"
 # The add-on's own URLs: the registry API (clients require it at the root), the token endpoint
-# and the metrics. Everything else belongs to the host.
-ADDON_PATHS = r"^/v2(/|$)|^/jwt/auth$|^/-/metrics$"
+# and the metrics, and the JSON API's (`api`). Everything else belongs to the host.
+REGISTRY_PATHS = r"^/v2(/|$)|^/jwt/auth$|^/-/metrics$"
+ADDON_PATHS = rf"{REGISTRY_PATHS}|{API_PATHS}"
 _ADDON_PATHS_RE = re.compile(ADDON_PATHS)
 
 
@@ -434,7 +436,8 @@ def check_metrics_access(request: Request, settings: Settings) -> None:
 
 
 class SecurityPolicy:
-    """The add-on's URLs: Basic credentials on the token endpoint, Bearer JWTs on `/v2`."""
+    """The add-on's URLs: Basic credentials on the token endpoint, Bearer JWTs on `/v2`,
+    personal access tokens on the JSON API (`api.auth`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -457,6 +460,10 @@ class SecurityPolicy:
             if identity is not None:
                 self.bearer_tokens.signed_in(identity)
             return identity
+        if is_api_path(request):
+            # Personal access tokens only; a Bearer here is one too, never a registry JWT.
+            account = api_account(request)
+            return account_identity(request, account, via="api") if account else None
         if path.startswith("/v2") and scheme.lower() == "bearer" and value.strip():
             return self.bearer_tokens.identity(request, value.strip())
         return None
@@ -484,6 +491,8 @@ class SecurityPolicy:
 
     def permits(self, request: Request, context: object, permission: str):
         identity = self.caller(request)
+        if is_api_path(request) and (identity is None or Scope.API.value not in identity.scopes):
+            return Denied("the API needs a personal access token with the api scope")
         if identity is not None:
             if permission == Permission.PULL and not (
                 {Scope.READ_REGISTRY.value, Scope.API.value} & identity.scopes

@@ -145,7 +145,8 @@ def address_key(address: Address | None) -> str:
 
 @dataclass
 class _Attempt:
-    account: str
+    # None for a credential without a user name (an API token): the address alone counts.
+    account: str | None
     address: str
     # When its password check counted it as a failure in advance, if it did.
     counted_at: float | None = None
@@ -199,7 +200,11 @@ class SignInGuard:
         waits = [
             wait
             for wait in (
-                self.accounts.retry_after(attempt.account, now),
+                (
+                    self.accounts.retry_after(attempt.account, now)
+                    if attempt.account is not None
+                    else None
+                ),
                 self.addresses.retry_after(attempt.address, now),
             )
             if wait is not None
@@ -213,10 +218,11 @@ class SignInGuard:
             f"retry in {retry_after} seconds",
         )
 
-    def check(self, request: Request, username: str) -> None:
-        """Raise SignInRefused when this user name or address is over its limit."""
+    def check(self, request: Request, username: str | None) -> None:
+        """Raise SignInRefused when this user name or address is over its limit; a sign-in
+        without a user name (a token alone) is limited by its address only."""
         attempt = _Attempt(
-            account_key(username),
+            account_key(username) if username is not None else None,
             address_key(client_address(request, self.trusted_proxies)),
         )
         request.environ[_ATTEMPT] = attempt
@@ -231,13 +237,14 @@ class SignInGuard:
             return
         if attempt.counted_at is not None:
             if succeeded:
-                self.accounts.forgive(attempt.account, attempt.counted_at)
+                if attempt.account is not None:
+                    self.accounts.forgive(attempt.account, attempt.counted_at)
                 self.addresses.forgive(attempt.address, attempt.counted_at)
         elif not succeeded:
             self._count(attempt, self._clock())
 
     def _count(self, attempt: _Attempt, now: float) -> None:
-        if self.accounts.record(attempt.account, now):
+        if attempt.account is not None and self.accounts.record(attempt.account, now):
             log.warning("sign-in limit reached for %s; refusing it for a while", attempt.account)
         if self.addresses.record(attempt.address, now):
             log.warning("sign-in limit reached for %s; refusing it for a while", attempt.address)

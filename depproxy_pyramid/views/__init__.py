@@ -1,3 +1,5 @@
+import re
+
 from pyramid.config import Configurator
 from pyramid.events import NewResponse
 from pyramid.request import Request
@@ -7,14 +9,16 @@ from pyramid.tweens import INGRESS
 
 from ..errors import RegistryError, method_not_allowed
 from ..requestlog import record_when_body_done
-from ..security import ADDON_PATHS, is_addon_path
+from ..security import REGISTRY_PATHS
 from .errors import API_VERSION, RawPathPredicate, add_error_views, registry_error_view
+
+_REGISTRY_PATHS_RE = re.compile(REGISTRY_PATHS)
 
 
 def _api_version_header(event: NewResponse) -> None:
     # The raw path: this runs for malformed paths too, which would fail to decode.
     path_info = event.request.environ.get("PATH_INFO", "")
-    if is_addon_path(event.request) and not path_info.startswith("/-/"):
+    if _REGISTRY_PATHS_RE.match(path_info) and not path_info.startswith("/-/"):
         event.response.headers[API_VERSION[0]] = API_VERSION[1]
 
 
@@ -54,5 +58,5 @@ def includeme(config: Configurator) -> None:
             permission=NO_PERMISSION_REQUIRED,
         )
     config.add_exception_view(registry_error_view, RegistryError)
-    add_error_views(config, path_info=ADDON_PATHS)
+    add_error_views(config, path_info=REGISTRY_PATHS)
     config.scan(".")
