@@ -169,9 +169,7 @@ def get_ttl_policy(context: GroupResource, request: Request) -> dict:
 )
 def put_ttl_policy(context: GroupResource, request: Request) -> dict:
     body = _json_object(request, {"enabled": bool, "ttl": int})
-    config = _change(
-        request, context, ttl_enabled=body.get("enabled"), ttl_days=body.get("ttl")
-    )
+    config = _change(request, context, ttl_enabled=body.get("enabled"), ttl_days=body.get("ttl"))
     return _ttl_policy(config)
 
 
