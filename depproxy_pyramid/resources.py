@@ -58,6 +58,9 @@ class IGroupDirectory(Interface):
         `fresh` looks them up again, and shares what it found from then on.
         """
 
+    def forget(path):
+        """Drop what was looked up of the group at `path`, once a change to it committed."""
+
 
 @implementer(IGroupDirectory)
 class GroupDirectory:
@@ -77,6 +80,11 @@ class GroupDirectory:
             # Unknown paths too: a client asking for one again and again costs no query.
             self._cache.put(path, found)
         return found  # type: ignore[return-value]
+
+    def forget(self, path: str) -> None:
+        # A subgroup's chain holds this group too, but only a group's own settings decide
+        # its ACL, so dropping its own entry is enough.
+        self._cache.discard(path)
 
     @staticmethod
     def _load(dbsession: Session, path: str) -> tuple[GroupInfo, ...] | None:

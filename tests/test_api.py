@@ -307,6 +307,26 @@ def test_settings_and_ttl_policy_change_and_are_audited(testapp, database, token
     ]
 
 
+def test_disabling_stops_pulls_at_once_even_with_a_token_in_hand(
+    testapp, database, tokens, request
+):
+    path = f"api-disable-{request.node.callspec.id}".lower()
+    _fresh_group(database, path)
+    name = f"{path}/dependency_proxy/containers/library/alpine"
+    registry_token = testapp.get(
+        "/jwt/auth", params={"scope": f"repository:{name}:pull"}, headers=basic("owner", PASSWORD)
+    ).json["token"]
+    owner = headers_for(tokens, "owner:api")
+    testapp.put_json(f"{API}/{path}/dependency_proxy/settings", {"enabled": False}, headers=owner)
+    refused = testapp.get(
+        f"/v2/{name}/manifests/latest",
+        headers={"Authorization": f"Bearer {registry_token}"},
+        status=403,
+    )
+    assert refused.json["errors"][0]["code"] == "DENIED"
+    assert "disabled" in refused.json["errors"][0]["message"]
+
+
 @pytest.mark.parametrize(
     ("route", "body", "complaint"),
     [

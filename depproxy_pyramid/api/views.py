@@ -23,7 +23,7 @@ from sqlalchemy import select
 from ..credentials import Keyring
 from ..models import Group
 from ..permissions import Permission
-from ..resources import GroupResource, Root
+from ..resources import GroupResource, IGroupDirectory, Root
 from ..security import caller
 from ..services import group_admin
 from ..services.group_admin import InvalidChange, ProxyConfig
@@ -147,7 +147,17 @@ def get_settings(context: GroupResource, request: Request) -> dict:
 )
 def put_settings(context: GroupResource, request: Request) -> dict:
     body = _json_object(request, {"enabled": bool})
-    return _settings(_change(request, context, enabled=body["enabled"]))
+    config = _change(request, context, enabled=body["enabled"])
+    directory = request.registry.getUtility(IGroupDirectory)
+    path = context.path
+
+    def forget(committed: bool) -> None:
+        # Pulls in this process see the change at once, not after lookup_cache_seconds.
+        if committed:
+            directory.forget(path)
+
+    request.tm.get().addAfterCommitHook(forget)
+    return _settings(config)
 
 
 @view_config(
