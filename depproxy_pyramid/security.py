@@ -463,7 +463,7 @@ class SecurityPolicy:
         if is_api_path(request):
             # Personal access tokens only; a Bearer here is one too, never a registry JWT.
             account = api_account(request)
-            return account_identity(request, account, via="api") if account else None
+            return account_identity(request, account, via="api") if account is not None else None
         if path.startswith("/v2") and scheme.lower() == "bearer" and value.strip():
             return self.bearer_tokens.identity(request, value.strip())
         return None

@@ -32,6 +32,7 @@ from tests.world import PASSWORD, add_personal_access_token, build_world, fresh_
 
 API = "/api/v4/groups"
 CREDENTIALS = "upstream_credentials"
+DOCKER_HUB = f"{CREDENTIALS}/registry-1.docker.io"
 GROUPS = ("pub", "priv", "priv/nested", "off")
 # identity -> for each of GROUPS, "<view><administer>" with Y/N: what the API lets it read
 # (settings, TTL policy, cache summary and listings) and change (settings, TTL policy,
@@ -350,6 +351,8 @@ def test_disabling_stops_pulls_at_once_even_with_a_token_in_hand(
         (f"{CREDENTIALS}/registry-1.docker.io", b'{"username": "bot"}', "both"),
         (f"{CREDENTIALS}/registry-1.docker.io", b'{"username": "", "password": "x"}', "1 to 255"),
         (f"{CREDENTIALS}/other.example", b'{"username": "a", "password": "b"}', "not a configured"),
+        (f"{DOCKER_HUB}", b'{"username": "a\\u0000", "password": "b"}', "control characters"),
+        (f"{DOCKER_HUB}", b'{"username": "a", "password": "\\ud800"}', "not valid Unicode"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_400_that_changes_nothing(testapp, database, tokens, route, body, complaint):
@@ -481,6 +484,22 @@ def test_purge_stops_the_cache_and_is_audited(testapp, database, tokens, request
         ).all()
         assert statuses == [CacheStatus.PENDING_DESTRUCTION] * 2
     assert _audit(database, path) == [("user:owner", "cache.purge", {"manifests": 1, "blobs": 2})]
+
+
+@pytest.mark.parametrize("registry", ["%00", "x" * 300, "no.such.registry"])
+def test_clearing_credentials_a_group_cannot_have_is_a_404(testapp, tokens, registry):
+    response = testapp.delete(
+        f"{API}/priv/dependency_proxy/{CREDENTIALS}/{registry}",
+        headers=headers_for(tokens, "owner:api"),
+        status=404,
+    )
+    assert response.json["message"] == "404 Upstream Credentials Not Found"
+
+
+def test_head_answers_as_get_without_a_body(testapp, tokens):
+    owner = headers_for(tokens, "owner:api")
+    head = testapp.head(f"{API}/priv/dependency_proxy/blobs", headers=owner, status=200)
+    assert head.body == b"" and head.headers["X-Total"] == "0"
 
 
 @pytest.mark.parametrize(

@@ -286,6 +286,14 @@ def list_credentials(context: GroupResource, request: Request) -> list:
     return [{"registry": registry} for registry in config.credential_registries]
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _registry_hosts(request: Request) -> dict[str, str]:
     settings = request.registry["depproxy.settings"]
     return registry_hosts(
@@ -310,6 +318,12 @@ def put_credentials(context: GroupResource, request: Request) -> dict:
     body = _json_object(request, {"username": str, "password": str})
     if body.keys() != {"username", "password"}:
         raise bad_request("give both username and password")
+    # Checked here, not left to the database and the cipher: a NUL or a lone surrogate
+    # would fail there, after the view, as a bare 500.
+    if not body["username"].isprintable():
+        raise bad_request("the username holds control characters", {"field": "username"})
+    if not _encodes(body["password"]):
+        raise bad_request("the password is not valid Unicode", {"field": "password"})
     settings = request.registry["depproxy.settings"]
     try:
         group_admin.set_upstream_credentials(
@@ -336,8 +350,11 @@ def delete_credentials(context: GroupResource, request: Request) -> Response:
     # A registry no longer configured may still have credentials to clear.
     registry = _registry_hosts(request).get(name, name)
     group = _group(request, context)
-    if not group_admin.clear_upstream_credentials(
-        request.depproxy_dbsession, group, _actor(request), registry
+    # A name no row can hold (PostgreSQL refuses a NUL in a query) has nothing to clear.
+    if not (registry.isprintable() and len(registry) <= 255) or not (
+        group_admin.clear_upstream_credentials(
+            request.depproxy_dbsession, group, _actor(request), registry
+        )
     ):
         raise ApiError(
             404,
