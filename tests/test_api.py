@@ -502,6 +502,15 @@ def test_head_answers_as_get_without_a_body(testapp, tokens):
     assert head.body == b"" and head.headers["X-Total"] == "0"
 
 
+def test_links_name_a_group_path_encoded(testapp, tokens):
+    owner = headers_for(tokens, "owner:api")
+    response = testapp.get(f"{API}/priv%2Fnested/dependency_proxy/manifests", headers=owner)
+    url = f"http://registry.test{API}/priv%2Fnested/dependency_proxy/manifests"
+    assert response.headers["Link"] == (
+        f'<{url}?page=1&per_page=20>; rel="first", <{url}?page=1&per_page=20>; rel="last"'
+    )
+
+
 @pytest.mark.parametrize(
     ("method", "route", "allow"),
     [

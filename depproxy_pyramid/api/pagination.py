@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from pyramid.request import Request
 from pyramid.response import Response
 
 from .errors import bad_request
 
+GROUPS_PATH = "/api/v4/groups/"
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 100
 # Nine digits keep the offset (page × per_page) well inside a 64-bit integer.
@@ -61,7 +62,13 @@ def add_page_headers(request: Request, response: Response, page: Page, total: in
         }
     )
     settings = request.registry["depproxy.settings"]
-    base = (settings.external_url or request.application_url) + request.path
+    # The path as GitLab writes it: a group path in `:id` encoded (`acme%2Fweb`), which the
+    # WSGI path holds decoded.
+    group_ref = request.matchdict["id"]
+    rest = request.path_info[len(GROUPS_PATH) + len(group_ref) :]
+    base = (settings.external_url or request.application_url) + (
+        GROUPS_PATH + quote(group_ref, safe="") + quote(rest)
+    )
     others = [(k, v) for k, v in request.GET.items() if k not in ("page", "per_page")]
 
     def link(number: int, rel: str) -> str:

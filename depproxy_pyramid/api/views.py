@@ -29,9 +29,9 @@ from ..services import group_admin
 from ..services.group_admin import InvalidChange, ProxyConfig
 from ..upstream.routing import registry_hosts
 from .errors import ApiError, bad_request, group_not_found, method_not_allowed
-from .pagination import add_page_headers, requested_page
+from .pagination import GROUPS_PATH, add_page_headers, requested_page
 
-API_ROOT = "/api/v4/groups/{id:.+}/dependency_proxy"
+API_ROOT = GROUPS_PATH + "{id:.+}/dependency_proxy"
 # Route name -> (path below API_ROOT, the methods it answers).
 ROUTES = {
     "depproxy.api.cache": ("/cache", ("GET", "HEAD", "DELETE")),
