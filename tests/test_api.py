@@ -218,6 +218,33 @@ def test_the_refusals_say_why(testapp, tokens):
     assert "owner" in assert_api_error(role, 403, "DENIED")["message"]
 
 
+@pytest.mark.parametrize(
+    "ref",
+    ["2147483647", "2147483648", "9" * 5000, "0", "Priv", "dependency_proxy", "a%2F..", "x" * 300],
+)
+def test_a_group_reference_that_names_nothing_is_a_404(testapp, tokens, ref):
+    response = testapp.get(
+        f"{API}/{ref}/dependency_proxy/settings",
+        headers=headers_for(tokens, "owner:api"),
+        expect_errors=True,
+    )
+    assert assert_api_error(response, 404)["code"] == "NAME_UNKNOWN"
+
+
+@pytest.mark.parametrize("ref", ["priv%2F", "%2Fpriv", "priv%2F%2Fnested"])
+def test_a_path_with_an_empty_segment_is_no_api_path(testapp, tokens, ref):
+    """Nothing of the API answers it: were a route to match a path the API's policy does not
+    judge, a host without a policy would let anyone call it."""
+    response = testapp.put(
+        f"{API}/{ref}/dependency_proxy/settings",
+        b'{"enabled": false}',
+        headers={**headers_for(tokens, "owner:api"), "Content-Type": "application/json"},
+        expect_errors=True,
+    )
+    assert response.status_int == 404
+    assert "message" not in (response.json if response.content_type == "application/json" else {})
+
+
 def test_a_bearer_token_is_a_personal_access_token_never_a_registry_token(testapp, tokens):
     path = f"{API}/priv/dependency_proxy/settings"
     bearer = {"Authorization": f"Bearer {tokens['owner:api']}"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +32,9 @@ from ..upstream.routing import registry_hosts
 from .errors import ApiError, bad_request, group_not_found, method_not_allowed
 from .pagination import GROUPS_PATH, add_page_headers, requested_page
 
-API_ROOT = GROUPS_PATH + "{id:.+}/dependency_proxy"
+# The same grammar as `auth.API_PATHS`, which decides that the API's policy judges a path:
+# no route of the API may match a path outside it.
+API_ROOT = GROUPS_PATH + "{id:[^/]+(?:/[^/]+)*}/dependency_proxy"
 # Route name -> (path below API_ROOT, the methods it answers).
 ROUTES = {
     "depproxy.api.cache": ("/cache", ("GET", "HEAD", "DELETE")),
@@ -43,8 +46,10 @@ ROUTES = {
     "depproxy.api.credential": ("/upstream_credentials/{registry}", ("PUT", "DELETE")),
 }
 MAX_BODY = 64 * 1024
-# Larger numbers cannot be group ids; they name no group rather than overflow a query.
-_GROUP_ID_RE = re.compile(r"^[0-9]{1,18}$")
+_GROUP_ID_RE = re.compile(r"^[0-9]+$")
+# Group ids are 32-bit integers (PostgreSQL refuses a larger number in the query): a larger
+# number names no group.
+MAX_GROUP_ID = 2**31 - 1
 
 
 class MissingGroup:
@@ -61,6 +66,8 @@ def group_factory(request: Request) -> GroupResource | MissingGroup:
     ref = request.matchdict["id"]
     path: str | None = ref
     if _GROUP_ID_RE.match(ref):
+        if len(ref) > len(str(MAX_GROUP_ID)) or int(ref) > MAX_GROUP_ID:
+            return MissingGroup()
         path = request.depproxy_dbsession.scalar(select(Group.path).where(Group.id == int(ref)))
     if path is None:
         return MissingGroup()
@@ -365,7 +372,7 @@ def delete_credentials(context: GroupResource, request: Request) -> Response:
     return Response(status=204)
 
 
-def _method_not_allowed_view(allowed: tuple[str, ...]):
+def _method_not_allowed_view(allowed: tuple[str, ...]) -> Callable[[Request], Response]:
     def method_not_allowed_view(request: Request) -> Response:
         raise method_not_allowed(allowed, request.method)
 
