@@ -34,6 +34,9 @@ def includeme(config: Configurator) -> None:
     config.include(".security")
     config.include(".services")
     config.include(".views")
+    # After `.views`, which sets the registry's routes at the root: the pages honour the
+    # host's route prefix.
+    config.include(".pages")
 
 
 def main(global_config: dict, **settings: str) -> Router:
