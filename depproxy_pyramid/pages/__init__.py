@@ -8,8 +8,10 @@ has a session factory, else the add-on's signed cookie (`depproxy.session.secret
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pyramid.config import Configurator
-from pyramid.interfaces import ISessionFactory
+from pyramid.interfaces import ISession, ISessionFactory
 from pyramid.request import Request
 from pyramid.session import SignedCookieSessionFactory
 from pyramid_jinja2 import add_jinja2_renderer
@@ -24,7 +26,7 @@ SESSION_COOKIE = "depproxy_session"
 SESSION_IDLE_SECONDS = 8 * 3600
 
 
-def session_factory(secret: str):
+def session_factory(secret: str) -> Callable[[Request], ISession]:
     """Signed-cookie sessions, HttpOnly and SameSite=Lax, Secure on HTTPS requests."""
     options = {
         "cookie_name": SESSION_COOKIE,

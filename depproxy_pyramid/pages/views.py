@@ -85,6 +85,10 @@ def page(request: Request, name: str, values: dict, status: int = 200) -> Respon
     response.status_int = status
     # Pages show what their viewer may see: no shared cache keeps one person's for another.
     response.cache_control = "no-store"
+    # Never inside another site's frame, where a click could be borrowed for a purge.
+    response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
     return response
 
 
