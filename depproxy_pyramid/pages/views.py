@@ -43,6 +43,17 @@ MAX_PAGE = 10_000
 FLASH_QUEUE = "depproxy"
 
 
+class HTTPBadRequestPage(HTTPException):
+    """A form that makes no sense (a registry not configured, say), answered with its reason."""
+
+    code = 400
+    title = "Bad request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class MissingGroup:
     """No group at this path: nothing is allowed, so the answer is that of a private group."""
 
@@ -386,15 +397,6 @@ def admin_overview(request: Request) -> Response:
 
 
 # Errors on the pages' routes: HTML, whatever the host's or the registry's error views are.
-
-
-class HTTPBadRequestPage(HTTPException):
-    code = 400
-    title = "Bad request"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 def error_page(request: Request, status: int, title: str, message: str) -> Response:
