@@ -20,8 +20,9 @@ class GroupUsage:
     manifests: int
     blobs: int
     bytes: int
-    # The last time a pull read anything of the group's cache.
-    last_read: datetime | None
+    # The last pull that read its cache (purged rows included, until they are deleted) or
+    # the last change made to it, whichever came later.
+    last_activity: datetime | None
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,17 @@ def instance_overview(session: Session, *, largest: int = 10, events: int = 50) 
             func.coalesce(func.sum(rows.c.is_m).filter(serving), 0).label("manifests"),
             func.coalesce(func.sum(1 - rows.c.is_m).filter(serving), 0).label("blobs"),
             func.coalesce(func.sum(rows.c.size).filter(serving), 0).label("bytes"),
-            func.max(rows.c.read_at).filter(serving).label("last_read"),
+            func.max(rows.c.read_at).label("last_read"),
         )
         .group_by(rows.c.group_id)
         .subquery()
+    )
+    last_changes = dict(
+        session.execute(
+            select(AuditEvent.group_path, func.max(AuditEvent.created_at)).group_by(
+                AuditEvent.group_path
+            )
+        ).all()
     )
     groups = [
         GroupUsage(
@@ -76,7 +84,7 @@ def instance_overview(session: Session, *, largest: int = 10, events: int = 50) 
             int(manifests or 0),
             int(blobs or 0),
             int(size or 0),
-            last_read,
+            _latest(last_read, last_changes.get(path)),
         )
         for path, visibility, enabled, manifests, blobs, size, last_read in session.execute(
             select(
@@ -115,3 +123,8 @@ def instance_overview(session: Session, *, largest: int = 10, events: int = 50) 
         .limit(events)
     ).all()
     return InstanceOverview(groups, largest_blobs, int(in_use), int(pending), list(recent))
+
+
+def _latest(*moments: datetime | None) -> datetime | None:
+    known = [moment for moment in moments if moment is not None]
+    return max(known) if known else None
