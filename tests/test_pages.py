@@ -26,7 +26,7 @@ from depproxy_pyramid.models import (
     Visibility,
 )
 from depproxy_pyramid.models.accounts import UpstreamCredential
-from tests.conftest import basic
+from tests.conftest import app_settings, basic
 from tests.world import PASSWORD, build_world, fresh_sign_in_limits
 
 SIGN_IN = "/-/dependency_proxy/sign_in"
@@ -379,3 +379,39 @@ def test_pages_are_never_framed_or_cached(app, world):
     assert answer.headers["X-Frame-Options"] == "DENY"
     assert answer.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
     assert "no-store" in answer.headers["Cache-Control"]
+
+
+def test_a_host_without_a_policy_keeps_the_pages_closed(database, world, tmp_path):
+    from tests.hosts import no_policy
+
+    app = no_policy.make_app(app_settings(database.url, tmp_path / "storage"), with_addon=True)
+    assert webtest.TestApp(app).get(page_url("priv"), status="*").status_int == 303
+    assert signed_in(app, "stranger").get(page_url("priv"), status="*").status_int == 404
+    guest = signed_in(app, "guest")
+    assert guest.get(page_url("priv")).html.find(id="settings") is None
+    assert guest.post(page_url("priv", "/ttl"), {"csrf_token": _csrf(guest)}, status=403)
+    assert signed_in(app, "owner").get(page_url("priv")).html.find(id="settings") is not None
+    # The host's own views are as open as before.
+    assert webtest.TestApp(app).get("/edit").text == "anyone may edit: no policy"
+
+
+def test_a_host_signing_in_with_basic_everywhere_signs_no_one_in_to_the_pages(
+    database, world, tmp_path
+):
+    from tests.hosts import in_code
+
+    app = in_code.make_app(
+        app_settings(database.url, tmp_path / "storage", **{"depproxy.mirror.group": ""}),
+        with_addon=True,
+    )
+    browser = webtest.TestApp(app)
+    carol = basic("carol", in_code.USERS["carol"][0])
+    assert browser.get("/whoami", headers=carol).text.startswith("carol at ")
+    answer = browser.get(page_url("pub"), headers=carol)
+    assert answer.html.find(id="signed-in-as") is None
+    # Its account source has no signed_in_account: the pages' own form signs its users in.
+    form = browser.get(SIGN_IN).forms["sign-in-form"]
+    form["username"], form["password"] = "dave", in_code.USERS["dave"][0]
+    form.submit(status=303)
+    assert browser.get(page_url("pub")).html.find(id="signed-in-as").text == "dave"
+    assert browser.get(page_url("priv"), status=404)
