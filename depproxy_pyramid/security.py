@@ -523,7 +523,9 @@ class HostAndAddonPolicy:
     Attributes the host's own code reads from its policy are passed through to it.
     """
 
-    def __init__(self, addon: SecurityPolicy, host: object | None, pages=None) -> None:
+    def __init__(
+        self, addon: SecurityPolicy, host: object | None, pages: object | None = None
+    ) -> None:
         self.addon = addon
         self.host = host
         self.pages = pages
