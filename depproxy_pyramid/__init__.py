@@ -36,6 +36,9 @@ def includeme(config: Configurator) -> None:
     config.include(".services")
     config.include(".views")
     config.include(".api")
+    # After `.views` and `.api`, whose routes are at the root: the pages honour the host's
+    # route prefix.
+    config.include(".pages")
 
 
 def main(global_config: dict, **settings: str) -> Router:

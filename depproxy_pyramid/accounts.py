@@ -48,7 +48,15 @@ class Account:
 
 
 class IAccountSource(Interface):
-    """Answers "who is this, given these credentials" and "which groups and roles"."""
+    """Answers "who is this, given these credentials" and "which groups and roles".
+
+    A host whose people already sign in to it may also give its source a method
+    `signed_in_account(request)`: the `Account` signed in to the host on this page request (from
+    the host's own session), or None. The add-on's HTML pages then take that, and do not offer
+    a sign-in form of their own; without it they sign people in with `authenticate`. It must
+    not read `request.identity` (on the pages, that asks the add-on's page policy, which asks
+    this method), and an `Account` it returns with a `personal_access_token_id` is refused.
+    """
 
     def authenticate(request, username, password):
         """The `Account` that `username` and `password` sign in, or None.

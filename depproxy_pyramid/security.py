@@ -32,6 +32,7 @@ from pyramid.interfaces import ISecurityPolicy
 from pyramid.request import Request, RequestLocalCache
 from pyramid.security import Allowed, Denied
 from sqlalchemy import select
+from zope.interface import Interface
 
 from .accounts import Account, IAccountSource, valid_account, valid_memberships
 from .addresses import client_address, in_networks, networks
@@ -516,18 +517,34 @@ class SecurityPolicy:
         return []
 
 
+class IPagePolicy(Interface):
+    """The policy of the add-on's HTML pages (`depproxy_pyramid.pages`): a security policy that
+    also says which requests are its own."""
+
+    def judges(request):
+        """Whether `request` is for one of the pages (decided by path, as before routing)."""
+
+
 class HostAndAddonPolicy:
-    """The add-on's policy on the add-on's URLs, the host's policy (or none) everywhere else.
+    """The add-on's policy on the add-on's URLs, the pages' policy on the add-on's pages, the
+    host's policy (or none) everywhere else.
 
     Attributes the host's own code reads from its policy are passed through to it.
     """
 
-    def __init__(self, addon: SecurityPolicy, host: object | None) -> None:
+    def __init__(
+        self, addon: SecurityPolicy, host: object | None, pages: object | None = None
+    ) -> None:
         self.addon = addon
         self.host = host
+        self.pages = pages
 
     def _policy(self, request: Request):
-        return self.addon if is_addon_path(request) else self.host
+        if is_addon_path(request):
+            return self.addon
+        if self.pages is not None and self.pages.judges(request):
+            return self.pages
+        return self.host
 
     def identity(self, request: Request):
         policy = self._policy(request)
@@ -568,7 +585,8 @@ def _compose(registry, addon: SecurityPolicy) -> None:
     host = registry.queryUtility(ISecurityPolicy)
     if isinstance(host, HostAndAddonPolicy):
         host = host.host
-    registry.registerUtility(HostAndAddonPolicy(addon, host), ISecurityPolicy)
+    pages = registry.queryUtility(IPagePolicy)
+    registry.registerUtility(HostAndAddonPolicy(addon, host, pages), ISecurityPolicy)
 
 
 def includeme(config: Configurator) -> None:

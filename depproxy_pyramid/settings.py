@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -41,6 +43,8 @@ class Settings:
     # `library/` there, as on Docker Hub itself.
     upstream_docker_hub_mirrors: frozenset[str]
     jwt_secret: str
+    # Signs the session cookie of the HTML pages' own sign-in.
+    session_secret: str
     jwt_expire_seconds: int
     external_url: str | None
     development: bool
@@ -228,6 +232,9 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
     encryption_keys = _words(settings, "depproxy.encryption.keys")
     if any(len(key) < 32 for key in encryption_keys):
         raise ConfigurationError("depproxy.encryption.keys", "each key has at least 32 characters")
+    session_secret = (settings.get("depproxy.session.secret") or "").strip()
+    if session_secret and len(session_secret) < 32 and not development:
+        raise ConfigurationError("depproxy.session.secret", "must be at least 32 characters")
     mirror_group = _group_path(settings, "depproxy.mirror.group")
     mirror_anonymous = _bool(settings, "depproxy.mirror.anonymous", False)
     if mirror_anonymous and mirror_group is None:
@@ -253,6 +260,10 @@ def parse_settings(settings: Mapping[str, str]) -> Settings:
             settings, "depproxy.upstream.docker_hub_mirrors", upstream_url, registries
         ),
         jwt_secret=secret,
+        # Without a secret of its own, one derived from the signing secret: a session cookie
+        # then never verifies as a registry token, nor the other way round.
+        session_secret=session_secret
+        or hmac.new(secret.encode(), b"depproxy.session", hashlib.sha256).hexdigest(),
         jwt_expire_seconds=int(_number(settings, "depproxy.jwt.expire_seconds", 900, minimum=60)),
         external_url=_http_url(settings, "depproxy.external_url", None),
         development=development,

@@ -270,3 +270,48 @@ def test_portal_admin_reports_errors_in_one_line(portal, monkeypatch, capsys):
         assert captured.out == ""
         assert captured.err.count("\n") == 1, captured.err
         assert captured.err.startswith(f"portal-admin: error: {message}"), captured.err
+
+
+ACME_PAGE = "/registry/groups/acme/-/dependency_proxy"
+
+
+def test_the_add_ons_pages_take_the_portals_sign_in_under_its_prefix(portal):
+    browser = webtest.TestApp(portal.app)
+    # Signed out of the portal: nothing of the private group, and no sign-in form of the
+    # add-on's own (the portal brings its sign-in).
+    assert "There is no such page" in browser.get(ACME_PAGE, status=404).text
+    browser.get("/registry/-/dependency_proxy/sign_in", status=404)
+    # Registry credentials never open a page.
+    browser.get(ACME_PAGE, headers=basic("alice", PASSWORDS["alice"]), status=404)
+    # Nor at the root: the pages honour the prefix the portal included the add-on under.
+    browser.get("/groups/acme/-/dependency_proxy", status=404)
+
+    sign_in(browser, "alice")
+    page = browser.get(ACME_PAGE, status=200)
+    assert page.html.find(id="signed-in-as").text == "alice"
+    assert page.html.find(id="image-prefix")["value"] == (
+        "registry.test/acme/dependency_proxy/containers"
+    )
+    # A developer: no controls, and a forged post is refused.
+    assert page.html.find(id="settings") is None
+    forged = browser.post(
+        ACME_PAGE + "/settings",
+        {"enabled": "false", "csrf_token": csrf_token(browser.get("/"))},
+        status=403,
+    )
+    assert forged.html.find(id="error-message").text == (
+        "Only the group's owners and instance admins may do this."
+    )
+    # The portal's own pages are the portal's as before.
+    assert "Signed in as <b>alice</b>" in browser.get("/").text
+
+
+def test_a_portal_admin_is_not_an_instance_admin_on_the_pages(portal):
+    browser = webtest.TestApp(portal.app)
+    sign_in(browser, "bob")
+    browser.get("/registry/admin/dependency_proxy", status=404)
+    browser.get(ACME_PAGE, status=404)
+    assert (
+        browser.get("/registry/groups/pub/-/dependency_proxy", status=200).html.find(id="settings")
+        is None
+    )

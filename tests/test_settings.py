@@ -34,6 +34,7 @@ def test_defaults():
         ({"depproxy.upstream.password": "pw"}, "depproxy.upstream.username"),
         ({"depproxy.external_url": "http://x/?q=1"}, "depproxy.external_url"),
         ({"depproxy.development": "maybe"}, "depproxy.development"),
+        ({"depproxy.session.secret": "short"}, "depproxy.session.secret"),
         ({"depproxy.upstream.registries": "not a host"}, "depproxy.upstream.registries"),
         ({"depproxy.upstream.registries": "ghcr.io=gopher://x"}, "depproxy.upstream.registries"),
         *(
@@ -121,3 +122,12 @@ def test_a_docker_hub_mirror_that_is_not_an_upstream_is_refused(mirrors, named):
         "upstream: name the default upstream as 'mirror.internal:5000' (the host[:port] of "
         "depproxy.upstream.url) or a host of depproxy.upstream.registries"
     )
+
+
+def test_the_pages_session_secret_is_its_own_or_derived_from_the_signing_secret():
+    derived = parse_settings(BASE).session_secret
+    assert len(derived) == 64
+    assert derived != BASE["depproxy.jwt.secret"]
+    assert derived == parse_settings(BASE).session_secret
+    own = "p" * 40
+    assert parse_settings({**BASE, "depproxy.session.secret": own}).session_secret == own

@@ -14,7 +14,9 @@ def main(global_config: dict, **settings: str) -> Router:
     with Configurator(settings=settings, root_factory=Root) as config:
         config.include("pyramid_tm")
         config.include(".models")
-        config.include("depproxy_pyramid")
+        # The registry stays at the root (clients look for /v2/ there); the add-on's pages
+        # live under the prefix: /registry/groups/<group>/-/dependency_proxy.
+        config.include("depproxy_pyramid", route_prefix="/registry")
         # Registry sign-in goes through the portal's users instead of the add-on's own tables.
         config.set_dependency_proxy_accounts(PortalAccounts())
         config.include(".security")

@@ -10,6 +10,7 @@ from depproxy_pyramid.accounts import Account, IAccountSource
 from depproxy_pyramid.models import Role
 
 from .models import PortalUser, RegistryTeam, authenticate_user
+from .security import signed_in_user
 
 
 def _account(user: PortalUser) -> Account:
@@ -31,6 +32,12 @@ class PortalAccounts:
         if not account_id.isdigit():
             return None
         user = request.dbsession.get(PortalUser, int(account_id))
+        return _account(user) if user is not None else None
+
+    def signed_in_account(self, request: Request) -> Account | None:
+        """The add-on's pages (`/registry/groups/.../-/dependency_proxy`) take the portal's
+        sign-in: whoever is signed in to the portal is signed in there."""
+        user = signed_in_user(request)
         return _account(user) if user is not None else None
 
     def memberships(self, request: Request, account: Account) -> dict[str, Role]:

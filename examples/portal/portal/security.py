@@ -28,17 +28,19 @@ class Root:
         self.request = request
 
 
+def signed_in_user(request: Request) -> PortalUser | None:
+    """Whoever the portal's session says is signed in, whichever policy is asking."""
+    userid = SessionAuthenticationHelper().authenticated_userid(request)
+    if not isinstance(userid, int):
+        return None
+    return request.dbsession.get(PortalUser, userid)
+
+
 class PortalSecurityPolicy:
     def __init__(self) -> None:
         self.helper = SessionAuthenticationHelper()
         self.acl = ACLHelper()
-        self.identity_cache = RequestLocalCache(self._load_identity)
-
-    def _load_identity(self, request: Request) -> PortalUser | None:
-        userid = self.helper.authenticated_userid(request)
-        if not isinstance(userid, int):
-            return None
-        return request.dbsession.get(PortalUser, userid)
+        self.identity_cache = RequestLocalCache(signed_in_user)
 
     def identity(self, request: Request) -> PortalUser | None:
         return self.identity_cache.get_or_create(request)
