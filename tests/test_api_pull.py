@@ -54,6 +54,8 @@ def test_pull_list_purge_and_pull_again(proxy, upstream, group, tmp_path):
     assert [(m["image_name"], m["tag"], m["digest"], m["size"]) for m in listed.json()] == [
         (IMAGE, "latest", digest, len(manifest.content))
     ]
+    # What pulling it moves: the manifest, its config and its layers.
+    assert listed.json()[0]["image_size"] == len(manifest.content) + sum(blobs.values())
     first_page = requests.get(f"{api}/blobs", params={"per_page": 1}, headers=owner, timeout=10)
     assert first_page.status_code == 200
     assert first_page.headers["X-Total"] == str(len(blobs))

@@ -23,7 +23,9 @@ from depproxy_pyramid.models import (
     Visibility,
 )
 from depproxy_pyramid.services import group_admin
+from depproxy_pyramid.services.proxy import image_size
 from depproxy_pyramid.services.purge import PurgeCounts, purge_group
+from depproxy_pyramid.upstream import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Manifest
 
 KEYRING = Keyring(["k" * 40])
 
@@ -141,3 +143,19 @@ def test_group_admin_changes_are_audited_and_summarised(database):
         assert json.loads(events[1].detail) == {"enabled": [False, True], "ttl_days": [90, 7]}
         assert "s3cret" not in " ".join(e.detail for e in events)
         assert group_admin.cache_summary(session, group_id).manifests == 0
+
+
+def test_image_size_counts_the_manifest_config_and_layers():
+    layers = [{"size": 100}, {"size": 2000}]
+    image = json.dumps({"schemaVersion": 2, "config": {"size": 7}, "layers": layers}).encode()
+    assert image_size(Manifest(image, OCI_MANIFEST, "sha256:x")) == len(image) + 2107
+    assert image_size(Manifest(image, DOCKER_MANIFEST, "sha256:x")) == len(image) + 2107
+    index = json.dumps({"schemaVersion": 2, "manifests": [{"size": 5}]}).encode()
+    assert image_size(Manifest(index, OCI_INDEX, "sha256:x")) is None
+    for bad in (
+        {"config": {}, "layers": []},
+        {"config": {"size": -1}, "layers": []},
+        {"config": {"size": 1}, "layers": [{"size": "9"}]},
+        {"config": {"size": 1}},
+    ):
+        assert image_size(Manifest(json.dumps(bad).encode(), OCI_MANIFEST, "sha256:x")) is None

@@ -17,7 +17,7 @@ from depproxy_pyramid.models import Base, Group, get_engine
 from depproxy_pyramid.upstream import MANIFEST_ACCEPT
 from tests.conftest import Database
 
-HEAD = "0005"
+HEAD = "0006"
 TABLES = {
     "depproxy_groups",
     "depproxy_users",
@@ -74,7 +74,7 @@ def _legacy_columns(table: str) -> list[sa.Column]:
 
 
 # Columns added since 0.1, which its tables did not have.
-ADDED_SINCE_0_1 = {"depproxy_tags": {"accept"}}
+ADDED_SINCE_0_1 = {"depproxy_tags": {"accept"}, "depproxy_manifests": {"image_size"}}
 
 
 def _create_legacy_schema(connection: sa.Connection) -> None:

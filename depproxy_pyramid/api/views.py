@@ -251,6 +251,7 @@ def list_manifests(context: GroupResource, request: Request) -> list:
             "digest": image.digest,
             "media_type": image.media_type,
             "size": image.size,
+            "image_size": image.image_size,
             "read_at": _timestamp(image.read_at),
         }
         for image in images

@@ -68,6 +68,9 @@ class CachedManifest(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(255))
     storage_key: Mapped[str] = mapped_column(String(512))
+    # What pulling the image moves: the manifest, its config and its layers. None for an index
+    # (each platform's manifest has its own) and for rows cached before it was recorded.
+    image_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     status: Mapped[CacheStatus] = _status_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

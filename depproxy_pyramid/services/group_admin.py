@@ -25,6 +25,7 @@ from ..models import (
     ProxySettings,
 )
 from ..models.accounts import UpstreamCredential
+from ..upstream import DOCKER_MANIFEST_LIST, OCI_INDEX
 from .purge import PurgeCounts, purge_group
 
 # GitLab offers 1, 7, 14, 30 and 90 days; any whole number of days up to a year is taken.
@@ -198,8 +199,14 @@ class CachedImage:
     tag: str | None
     digest: str
     media_type: str
+    # The manifest's own bytes, and what pulling the image moves (see `CachedManifest`).
     size: int
+    image_size: int | None
     read_at: datetime
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST)
 
 
 def cached_images(
@@ -214,6 +221,7 @@ def cached_images(
             CachedManifest.digest,
             CachedManifest.content_type,
             CachedManifest.size,
+            CachedManifest.image_size,
             CachedManifest.read_at,
         )
         .select_from(CachedManifest)

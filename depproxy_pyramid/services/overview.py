@@ -1,5 +1,5 @@
 """What an instance admin sees of the whole instance: each group's cache, the largest cached
-layers, the storage in use and the recent audit log."""
+images, the storage in use and the recent audit log."""
 
 from __future__ import annotations
 
@@ -26,17 +26,20 @@ class GroupUsage:
 
 
 @dataclass(frozen=True)
-class LargeBlob:
+class LargeImage:
+    """A cached image manifest and what pulling it moves (`CachedManifest.image_size`)."""
+
     group_path: str
+    image: str
     digest: str
-    size: int
+    image_size: int
     read_at: datetime
 
 
 @dataclass(frozen=True)
 class InstanceOverview:
     groups: list[GroupUsage]
-    largest_blobs: list[LargeBlob]
+    largest_images: list[LargeImage]
     # Bytes the cache serves, and bytes purged but not yet deleted from storage.
     bytes_in_use: int
     bytes_pending_deletion: int
@@ -101,13 +104,22 @@ def instance_overview(session: Session, *, largest: int = 10, events: int = 50) 
             .order_by(Group.path)
         )
     ]
-    largest_blobs = [
-        LargeBlob(*row)
+    largest_images = [
+        LargeImage(*row)
         for row in session.execute(
-            select(Group.path, CachedBlob.digest, CachedBlob.size, CachedBlob.read_at)
-            .join(Group, Group.id == CachedBlob.group_id)
-            .where(CachedBlob.status == CacheStatus.DEFAULT)
-            .order_by(CachedBlob.size.desc(), CachedBlob.digest)
+            select(
+                Group.path,
+                CachedManifest.image,
+                CachedManifest.digest,
+                CachedManifest.image_size,
+                CachedManifest.read_at,
+            )
+            .join(Group, Group.id == CachedManifest.group_id)
+            .where(
+                CachedManifest.status == CacheStatus.DEFAULT,
+                CachedManifest.image_size.is_not(None),
+            )
+            .order_by(CachedManifest.image_size.desc(), CachedManifest.digest)
             .limit(largest)
         )
     ]
@@ -122,7 +134,7 @@ def instance_overview(session: Session, *, largest: int = 10, events: int = 50) 
         .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
         .limit(events)
     ).all()
-    return InstanceOverview(groups, largest_blobs, int(in_use), int(pending), list(recent))
+    return InstanceOverview(groups, largest_images, int(in_use), int(pending), list(recent))
 
 
 def _latest(*moments: datetime | None) -> datetime | None:

@@ -53,7 +53,9 @@ from ..storage import BlobNotFound, Storage
 from ..storage.filesystem import accel_redirect_uri
 from ..upstream import (
     ALL_MANIFESTS,
+    DOCKER_MANIFEST,
     OCI_INDEX,
+    OCI_MANIFEST,
     BlobRef,
     Credentials,
     Manifest,
@@ -217,6 +219,22 @@ def _manifest_label(image: str, reference: str, accept: ManifestAccept) -> str:
     """How a client's error names the manifest: with the types asked for, unless all four."""
     label = f"{image}@{reference}" if ":" in reference else f"{image}:{reference}"
     return label if accept == ALL_MANIFESTS else f"{label} (as {accept.header})"
+
+
+def image_size(manifest: Manifest) -> int | None:
+    """The bytes pulling an image moves (its manifest, config and layers); None for an index,
+    or for sizes that are not plain non-negative integers (upstream's word, not verified)."""
+    if manifest.media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+        return None
+    try:
+        body = json.loads(manifest.content)
+        descriptors = [body["config"], *body["layers"]]
+        sizes = [descriptor["size"] for descriptor in descriptors]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not all(type(size) is int and size >= 0 for size in sizes):
+        return None
+    return manifest.size + sum(sizes)
 
 
 def storage_key(group_id: int, kind: str, digest: str) -> str:
@@ -686,6 +704,7 @@ class ProxyService:
                 "size": manifest.size,
                 "content_type": manifest.media_type,
                 "storage_key": key,
+                "image_size": image_size(manifest),
                 "status": CacheStatus.DEFAULT,
                 "read_at": now,
             },
