@@ -475,7 +475,7 @@ def test_listings_are_paginated_the_gitlab_way(testapp, database, tokens, reques
     assert manifests.headers["X-Total"] == "3" and manifests.headers["X-Total-Pages"] == "2"
     assert len(manifests.json) == 2
     assert set(manifests.json[0]) == {
-        "image_name", "tag", "digest", "media_type", "size", "read_at"
+        "image_name", "tag", "digest", "media_type", "size", "image_size", "read_at"
     }  # fmt: skip
     assert {(m["tag"], m["size"]) for m in manifests.json} <= {("1.0", 100 + n) for n in (1, 2, 3)}
 
