@@ -205,7 +205,9 @@ class Cleanup:
                     destroyed[row.group_id] = destroyed.get(row.group_id, 0) + 1
                     keys.add(row.storage_key)
             paths = dict(
-                session.execute(select(Group.id, Group.path).where(Group.id.in_(destroyed)))
+                session.execute(
+                    select(Group.id, Group.path).where(Group.id.in_(list(destroyed)))
+                ).all()
             )
             kind = "manifests" if model is CachedManifest else "blobs"
             for group_id, count in sorted(destroyed.items()):
