@@ -492,7 +492,7 @@ def audit_list(dbsession: Session, args: argparse.Namespace, settings) -> str:
             "action": event.action,
             "group": event.group_path,
             "target": event.target,
-            "detail": event.detail if args.json is False else json.loads(event.detail),
+            "detail": json.loads(event.detail) if args.json else event.detail,
         }
         for event in dbsession.scalars(query.limit(args.limit))
     ]
