@@ -67,6 +67,9 @@ class IAccountSource(Interface):
     def account(request, account_id):
         """The `Account` with this id while it may still sign in, or None (disabled, deleted).
 
+        Its `name` must be the one `authenticate` gave: registry tokens name their subject, and
+        one whose id now answers to another name (an id given again) is refused.
+
         Each process reuses the answer, and that of `memberships`, for
         `depproxy.lookup_cache_seconds`: a change is refused within that time.
         """

@@ -277,6 +277,9 @@ class BearerClaims:
 
     kind: str
     subject_id: str
+    # Who the subject was when the token was minted: a removed account's or deploy token's id
+    # can be given to a new one (SQLite reuses the highest), which must not inherit the token.
+    name: str
     # The personal access token it was minted from, if any.
     personal_access_token_id: int | None
     access: frozenset[tuple[str, str]]
@@ -296,14 +299,16 @@ def bearer_claims(settings: Settings, token: str) -> BearerClaims | None:
     kind, _, subject_id = str(claims["sub"]).partition(":")
     pat = claims.get("pat")
     mirror = claims.get("mirror")
+    name = claims.get("name")
     if (
         access is None
+        or not isinstance(name, str)
         or not (subject_id or kind == ANONYMOUS_SUBJECT)
         or ("pat" in claims and type(pat) is not int)
         or not isinstance(mirror, str | None)
     ):
         return None
-    return BearerClaims(kind, subject_id, pat, access, float(claims["exp"]), mirror)
+    return BearerClaims(kind, subject_id, name, pat, access, float(claims["exp"]), mirror)
 
 
 def subject_identity(
@@ -359,7 +364,7 @@ class BearerTokens:
         if subject is MISSING:
             subject, lifetime = subject_identity(request, *key)
             self._subjects.put(key, subject, lifetime=lifetime)
-        if subject is None:
+        if subject is None or subject.name != claims.name:  # type: ignore[union-attr]
             return None
         assert isinstance(subject, Identity)
         return Identity(

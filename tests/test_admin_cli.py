@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 from sqlalchemy import select
@@ -105,6 +107,10 @@ def test_operator_sets_up_a_group_and_pulls_a_token(ini, tmp_path):
                 == 200
             )
         ok(admin(path, "proxy", "disable", "acme/platform"))
+        latest = json.loads(ok(admin(path, "audit", "--limit", "1", "--json")))
+        assert [(e["action"], e["group"], e["detail"]) for e in latest] == [
+            ("proxy.settings", "acme/platform", {"enabled": False})
+        ]
         answer = requests.get(
             f"{server.url}/jwt/auth",
             params={"scope": scope},
@@ -232,3 +238,99 @@ def test_upstream_credentials_per_registry_and_key_rotation(tmp_path, empty_data
         admin(rotating, "proxy", "credentials", "acme", "--registry", "quay.io", "--clear")
     ) == ("acme has no upstream credentials for quay.io")
     assert stored_credentials(empty_database_url) == []
+    log = json.loads(ok(admin(rotating, "audit", "--json")))
+    assert [(e["action"], e["target"]) for e in reversed(log)] == [
+        ("group.add", None),
+        ("credentials.set", "registry-1.docker.io"),
+        ("credentials.set", "ghcr.io"),
+        ("credentials.set", "registry-1.docker.io"),
+        ("credentials.rotate", None),
+        ("credentials.remove", "ghcr.io"),
+        ("credentials.remove", "registry-1.docker.io"),
+    ]
+    # Who the credentials are, never what opens them.
+    assert log[-2]["detail"] == {"username": "bot"}
+    assert not any(pw in json.dumps(log) for pw in ("pw1", "pw2", "pw3"))
+
+
+def test_lists_show_no_secrets_and_removals_name_what_is_unknown(ini):
+    path, _ = ini
+    ok(admin(path, "user", "add", "dev", stdin="dev-password\n"))
+    ok(admin(path, "group", "add", "acme"))
+    ok(admin(path, "group", "add", "acme/platform"))
+    ok(admin(path, "member", "add", "acme", "dev", "--role", "owner"))
+    pat = ok(admin(path, "token", "add", "dev", "--name", "ci", "--scope", "read_registry"))
+    deploy = ok(
+        admin(path, "deploy-token", "add", "acme", "--name", "ci", "--scope", "read_registry")
+    )
+    deploy_secret = deploy.splitlines()[1].removeprefix("token: ")
+
+    users = ok(admin(path, "user", "list")).splitlines()
+    assert users[0].split() == ["NAME", "ADMIN", "ACTIVE", "CREATED"]
+    assert users[1].split()[:3] == ["dev", "no", "yes"]
+    tokens = ok(admin(path, "token", "list", "dev"))
+    assert tokens.splitlines()[1].split()[:4] == ["dev", "ci", "read_registry", "active"]
+    groups = json.loads(ok(admin(path, "group", "list", "--json")))
+    assert [(g["path"], g["members"], g["blobs"]) for g in groups] == [
+        ("acme", 1, 0),
+        ("acme/platform", 0, 0),
+    ]
+    members = ok(admin(path, "member", "list", "acme")).splitlines()
+    assert members[1].split()[:2] == ["dev", "owner"]
+    deploy_tokens = ok(admin(path, "deploy-token", "list", "acme"))
+    everything = users + [tokens, json.dumps(groups), deploy_tokens]
+    everything.append(ok(admin(path, "audit", "--json")))
+    for secret in (pat, deploy_secret, "dev-password", "scrypt"):
+        assert all(secret not in output for output in everything)
+
+    fails(admin(path, "user", "remove", "nobody"), "no user named 'nobody'")
+    fails(admin(path, "user", "deactivate", "nobody"), "no user named 'nobody'")
+    fails(admin(path, "token", "revoke", "dev", "--name", "nope"), "no personal access token")
+    fails(admin(path, "token", "list", "nobody"), "no user named 'nobody'")
+    fails(admin(path, "member", "remove", "nowhere", "dev"), "no group at 'nowhere'")
+    fails(admin(path, "member", "role", "acme/platform", "dev", "guest"), "not a member")
+    fails(admin(path, "deploy-token", "revoke", "acme", "--name", "nope"), "no deploy token")
+    fails(admin(path, "group", "remove", "nowhere"), "no group at 'nowhere'")
+    fails(admin(path, "purge", "nowhere"), "no group at 'nowhere'")
+    fails(admin(path, "audit", "--limit", "0"), "--limit must be at least 1")
+
+    # The last owner stays, until someone else owns the group or one above it.
+    fails(admin(path, "member", "remove", "acme", "dev"), "dev is the last owner of acme")
+    fails(admin(path, "member", "role", "acme", "dev", "developer"), "last owner of acme")
+    fails(admin(path, "user", "remove", "dev"), "dev is the last owner of acme")
+    ok(admin(path, "user", "add", "lead", stdin="lead-password\n"))
+    ok(admin(path, "member", "add", "acme", "lead", "--role", "owner"))
+    assert ok(admin(path, "member", "role", "acme", "dev", "developer")) == (
+        "dev is developer of acme"
+    )
+
+    fails(admin(path, "group", "remove", "acme"), "acme has 1 subgroup(s) (acme/platform)")
+    assert ok(admin(path, "group", "remove", "acme", "--recursive")) == (
+        "removed acme and 1 subgroup(s)"
+    )
+    assert ok(admin(path, "group", "list")) == "no groups"
+    assert ok(admin(path, "user", "remove", "dev")) == (
+        "removed dev with 0 membership(s) and 1 personal access token(s)"
+    )
+
+    log = json.loads(ok(admin(path, "audit", "--json", "--limit", "100")))
+    assert [(e["action"], e["group"], e["target"]) for e in reversed(log)] == [
+        ("user.add", None, "dev"),
+        ("group.add", "acme", None),
+        ("group.add", "acme/platform", None),
+        ("member.add", "acme", "dev"),
+        ("token.issue", None, "dev"),
+        ("deploy_token.issue", "acme", "ci"),
+        ("user.add", None, "lead"),
+        ("member.add", "acme", "lead"),
+        ("member.role", "acme", "dev"),
+        # Subgroups first, as the recursive removal goes.
+        ("group.remove", "acme/platform", None),
+        ("group.remove", "acme", None),
+        ("user.remove", None, "dev"),
+    ]
+    assert log[3]["detail"] == {"from": "owner", "to": "developer"}
+    assert [
+        e["group"]
+        for e in json.loads(ok(admin(path, "audit", "--group", "acme/platform", "--json")))
+    ] == ["acme/platform"] * 2

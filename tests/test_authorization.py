@@ -247,6 +247,7 @@ def test_a_deploy_token_cannot_pull_from_another_public_group_even_with_a_grant(
         "iss": "depproxy-pyramid",
         "aud": "dependency_proxy",
         "sub": f"deploy_token:{deploy_token_id(database, 'deploy_token')}",
+        "name": "depproxy+deploy-token-deploy_token",
         "iat": now,
         "nbf": now,
         "exp": now + 300,

@@ -140,6 +140,7 @@ def _claims(**overrides) -> dict:
         "iss": "depproxy-pyramid",
         "aud": "dependency_proxy",
         "sub": "account:1",
+        "name": "admin",
         "iat": now,
         "nbf": now,
         "exp": now + 300,
@@ -187,6 +188,11 @@ def _admin_sub(world, database) -> str:
         lambda sub: jwt.encode(_claims(sub="account:999999"), JWT_SECRET, algorithm="HS256"),
         lambda sub: jwt.encode(_claims(sub="account:1' OR 1=1"), JWT_SECRET, algorithm="HS256"),
         lambda sub: jwt.encode(_claims(sub=sub, access="all"), JWT_SECRET, algorithm="HS256"),
+        # Its id given to another account since (SQLite reuses a removed row's id).
+        lambda sub: jwt.encode(
+            _claims(sub=sub, name="someone-else"), JWT_SECRET, algorithm="HS256"
+        ),
+        lambda sub: jwt.encode(_claims(sub=sub, name=None), JWT_SECRET, algorithm="HS256"),
         lambda sub: "a.b.c",
         lambda sub: "x" * 10000,
     ],
@@ -202,6 +208,8 @@ def _admin_sub(world, database) -> str:
         "unknown-user",
         "sql-subject",
         "malformed-access",
+        "another-subject-name",
+        "no-subject-name",
         "garbage",
         "huge",
     ],

@@ -177,6 +177,7 @@ def test_an_expired_token_is_refused_though_it_was_verified_before(proxy, reques
             "iss": "depproxy-pyramid",
             "aud": "dependency_proxy",
             "sub": f"account:{puller_id}",
+            "name": PULLER[0],
             "iat": now,
             "nbf": now,
             "exp": now + 2,

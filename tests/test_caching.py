@@ -204,6 +204,20 @@ def test_reads_are_written_together_once_the_flush_interval_is_over(database, ro
         assert _read_at(database, model, row_id) >= before - timedelta(seconds=1)
 
 
+def test_a_note_is_written_without_another_hit(database, rows):
+    _, blob_id = rows
+    long_ago = datetime.now(UTC) - timedelta(days=2)
+    _set_read_at(database, CachedBlob, blob_id, long_ago)
+    read_times = ReadTimes(database.session_factory, flush_seconds=0.2)
+
+    read_times.touch(CachedBlob, blob_id)
+
+    deadline = time.monotonic() + 10
+    while _read_at(database, CachedBlob, blob_id) == long_ago:
+        assert time.monotonic() < deadline, "the note waited for another hit"
+        time.sleep(0.05)
+
+
 def test_a_row_is_written_at_most_once_per_granularity(database, rows):
     manifest_id, _ = rows
     clock = Clock()

@@ -204,6 +204,26 @@ def test_spool_files_of_dead_fills_are_removed_at_start(tmp_path, committed):
     assert b"".join(fill.read()) == BODY
 
 
+@responses.activate
+def test_a_verified_fill_keeps_its_spool_file_locked_until_committed(tmp_path):
+    responses.add(responses.GET, blob_url(), body=BODY)
+    survived = []
+    done = threading.Event()
+
+    def commit(group_id: int, fill) -> None:
+        # Another process starting (or `depproxy-admin cleanup`) while this one uploads.
+        fills_module.remove_abandoned_spool_files(str(tmp_path))
+        survived.append(os.path.exists(fill.spool_path))
+        os.unlink(fill.spool_path)
+        done.set()
+
+    fills = BlobFills(str(tmp_path), commit)
+    fill = fills.join_or_start(1, DIGEST, lambda: False, opener())
+    assert b"".join(fill.read()) == BODY
+    assert done.wait(5)
+    assert survived == [True]
+
+
 # -- bounds: what a hostile upstream cannot make a fill do ---------------------------------
 
 MiB = 1024 * 1024

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,25 @@ def test_delete_is_idempotent(backend: Backend) -> None:
         storage.open(KEY)
     storage.delete(KEY)
     storage.delete("12/blobs/never-stored")
+
+
+def test_objects_lists_every_blob_with_when_it_was_written(backend: Backend) -> None:
+    storage = backend.storage
+    assert list(storage.objects()) == []
+    before = datetime.now(UTC) - timedelta(seconds=2)
+    keys = {KEY, "12/manifests/sha256/" + "cd" * 32, "7/blobs/sha256/" + "ef" * 32}
+    for key in keys:
+        storage.put_file(key, spool(storage, DATA))
+    # A spool file in flight is no blob.
+    spool(storage, b"half a blob")
+
+    listed = {item.key: item.modified for item in storage.objects()}
+
+    assert set(listed) == keys
+    after = datetime.now(UTC) + timedelta(seconds=2)
+    assert all(before <= modified <= after for modified in listed.values())
+    storage.delete(KEY)
+    assert {item.key for item in storage.objects()} == keys - {KEY}
 
 
 def test_missing_blob(backend: Backend) -> None:
@@ -415,6 +435,22 @@ def test_fs_open_returns_a_seekable_file(fs_storage: FilesystemStorage) -> None:
         assert file.read(3) == DATA[10:13]
 
 
+def test_fs_objects_are_dated_by_mtime_and_skip_foreign_files(
+    fs_storage: FilesystemStorage,
+) -> None:
+    fs_storage.put_file(KEY, spool(fs_storage, DATA))
+    path = Path(fs_storage.root, KEY)
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    Path(fs_storage.root, "12", "not a key").write_bytes(b"x")
+    (Path(fs_storage.root) / ".editor").mkdir()
+    (Path(fs_storage.root) / ".editor" / "swap").write_bytes(b"x")
+
+    [listed] = fs_storage.objects()
+
+    assert listed.key == KEY
+    assert listed.modified == datetime.fromtimestamp(1_700_000_000, UTC)
+
+
 def test_fs_creates_missing_root(tmp_path: Path) -> None:
     root = tmp_path / "a" / "b" / "store"
 
@@ -440,6 +476,16 @@ def test_s3_objects_live_under_the_prefix(moto_s3: MotoS3, s3_prefix: str) -> No
 
     listed = moto_s3.client().list_objects_v2(Bucket=moto_s3.bucket, Prefix=s3_prefix)
     assert [item["Key"] for item in listed["Contents"]] == [f"{s3_prefix}/{KEY}"]
+
+
+def test_s3_objects_are_those_under_the_prefix(moto_s3: MotoS3, s3_prefix: str) -> None:
+    storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
+    neighbour = storage_from_settings(moto_s3.settings(prefix=s3_prefix + "-other"))
+    storage.put_file(KEY, spool(storage, DATA))
+    neighbour.put_file(KEY, spool(neighbour, DATA))
+    moto_s3.client().put_object(Bucket=moto_s3.bucket, Key=f"{s3_prefix}/not a key", Body=b"x")
+
+    assert [item.key for item in storage.objects()] == [KEY]
 
 
 def test_s3_large_upload_is_multipart(moto_s3: MotoS3, s3_prefix: str) -> None:

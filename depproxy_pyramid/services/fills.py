@@ -213,7 +213,9 @@ class Fill:
                     with self._cond:
                         self._written += len(chunk)
                         self._cond.notify_all()
-            self._out.close()
+            # Left open until the commit is done: closing it would drop the lock that tells
+            # `remove_abandoned_spool_files` (and `depproxy-admin cleanup`) the file is in use.
+            self._out.flush()
             if self.size is not None and self._written != self.size:
                 raise FillError(
                     f"upstream closed the blob after {self._written} of {self.size} bytes"

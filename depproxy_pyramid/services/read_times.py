@@ -3,7 +3,12 @@
 Cleanup expires cached images after days unread, so read_at needs no more than hour precision.
 A hit only notes its row; the notes are written with one UPDATE per table, at most every
 `FLUSH_SECONDS`, on a thread that the first hit after that starts (so no hit waits for the
-database's write lock), and at process exit.
+database's write lock), by a timer when no hit comes, and at process exit.
+
+So a row read at some moment has a read_at no earlier than `READ_AT_LAG` before it, once the
+notes are written: a process notes a row once an hour, and its UPDATE leaves a read_at written
+within the hour (by any process) alone. Cleanup counts a row as read until `READ_AT_LAG` after
+its read_at.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 READ_AT_GRANULARITY = timedelta(hours=1)
 FLUSH_SECONDS = 10.0
+READ_AT_LAG = 2 * READ_AT_GRANULARITY + timedelta(seconds=FLUSH_SECONDS)
 # Rows this process wrote within the hour; one forgotten early is only written once more.
 ROWS_REMEMBERED = 20_000
 # Ids per UPDATE: SQLite allows a few thousand bound parameters per statement at the least.
@@ -51,6 +57,7 @@ class ReadTimes:
         self._pending: dict[Model, set[int]] = {}
         self._next_flush = clock() + flush_seconds
         self._flusher: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
         _flush_at_exit(self)
 
@@ -60,6 +67,12 @@ class ReadTimes:
             self._written.put((model, row_id), True)
             with self._lock:
                 self._pending.setdefault(model, set()).add(row_id)
+                if self._timer is None:
+                    # Written even when no other hit follows: cleanup expires rows by what is
+                    # written, so a note must not wait for traffic that may never come.
+                    self._timer = threading.Timer(self.flush_seconds, self._flush_on_timer)
+                    self._timer.daemon = True
+                    self._timer.start()
         # Any hit may start writing what others noted: read without the lock, then checked
         # under it.
         if self._pending and self._clock() >= self._next_flush:
@@ -71,6 +84,11 @@ class ReadTimes:
                     target=self.flush, name="depproxy-read-at", daemon=True
                 )
                 self._flusher.start()
+
+    def _flush_on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.flush()
 
     def close(self) -> None:
         """Write everything noted, waiting for a write under way first."""

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from ..settings import ConfigurationError
 
-__all__ = ["BlobNotFound", "ConfigurationError", "Storage", "storage_from_settings"]
+__all__ = [
+    "BlobNotFound",
+    "ConfigurationError",
+    "Storage",
+    "StoredObject",
+    "storage_from_settings",
+]
 
 _ALIASES = {
     "filesystem": "depproxy_pyramid.storage.filesystem:FilesystemStorage",
@@ -31,6 +39,15 @@ class BlobNotFound(LookupError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no blob stored under {key!r}")
         self.key = key
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A blob as a listing of the store sees it."""
+
+    key: str
+    modified: datetime
+    """When it was last written (timezone-aware), by the store's clock."""
 
 
 @runtime_checkable
@@ -68,6 +85,13 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the blob; removing an absent blob is not an error."""
+        ...
+
+    def objects(self) -> Iterator[StoredObject]:
+        """Every blob stored, in no particular order, with when it was last written.
+
+        Only keys that `validate_key` accepts are listed; the spool directory is not.
+        """
         ...
 
     def url_for(self, key: str, *, expires_in: int = 300) -> str | None:

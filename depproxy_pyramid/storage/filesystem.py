@@ -7,12 +7,14 @@ import contextlib
 import io
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from typing import BinaryIO, cast
 
 from depproxy_pyramid.storage import (
     BlobNotFound,
     ConfigurationError,
+    StoredObject,
     validate_key,
     validate_range,
 )
@@ -99,6 +101,21 @@ class FilesystemStorage:
     def delete(self, key: str) -> None:
         with contextlib.suppress(*_ABSENT):
             os.unlink(self._path(key))
+
+    def objects(self) -> Iterator[StoredObject]:
+        for directory, subdirectories, files in os.walk(self.root):
+            # Keys never start with a dot: that keeps the spool (and editors' litter) out.
+            subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+            for name in files:
+                path = os.path.join(directory, name)
+                key = os.path.relpath(path, self.root)
+                try:
+                    validate_key(key)
+                    info = os.lstat(path)
+                except (ValueError, FileNotFoundError):
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    yield StoredObject(key, datetime.fromtimestamp(info.st_mtime, UTC))
 
     def url_for(self, key: str, *, expires_in: int = 300) -> str | None:
         validate_key(key)

@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
@@ -25,6 +25,7 @@ from botocore.exceptions import ClientError
 from depproxy_pyramid.storage import (
     BlobNotFound,
     ConfigurationError,
+    StoredObject,
     validate_key,
     validate_range,
 )
@@ -131,6 +132,20 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self._bucket, Key=self._object_key(key))
+
+    def objects(self) -> Iterator[StoredObject]:
+        start = f"{self._prefix}/" if self._prefix else ""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket, Prefix=start
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                key = item["Key"][len(start) :]
+                try:
+                    validate_key(key)
+                except ValueError:
+                    continue
+                yield StoredObject(key, item["LastModified"])
 
     def url_for(self, key: str, *, expires_in: int = 300) -> str | None:
         object_key = self._object_key(key)
