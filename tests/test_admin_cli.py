@@ -109,7 +109,7 @@ def test_operator_sets_up_a_group_and_pulls_a_token(ini, tmp_path):
         ok(admin(path, "proxy", "disable", "acme/platform"))
         latest = json.loads(ok(admin(path, "audit", "--limit", "1", "--json")))
         assert [(e["action"], e["group"], e["detail"]) for e in latest] == [
-            ("proxy.settings", "acme/platform", {"enabled": False})
+            ("proxy.settings", "acme/platform", {"enabled": [True, False]})
         ]
         answer = requests.get(
             f"{server.url}/jwt/auth",

@@ -43,8 +43,8 @@ from ..models import (
 )
 from ..models.accounts import UpstreamCredential
 from ..names import group_path_problem
+from ..services import group_admin
 from ..services.cleanup import ORPHAN_GRACE, SPOOL_GRACE, Cleanup
-from ..services.purge import purge_group
 from ..settings import Settings, parse_settings
 from ..upstream.routing import default_registry_host, registry_hosts
 
@@ -213,17 +213,8 @@ def deploy_token_add(dbsession: Session, args: argparse.Namespace, settings) -> 
 
 def proxy_set(dbsession: Session, args: argparse.Namespace, settings) -> str:
     group = _group(dbsession, args.group)
-    proxy = group.proxy_settings or ProxySettings(group=group)
-    proxy.enabled = args.state == "enable"
-    dbsession.add(proxy)
-    record(
-        dbsession,
-        CLI_ACTOR,
-        Action.PROXY_SETTINGS,
-        group_path=group.path,
-        detail={"enabled": proxy.enabled},
-    )
-    return f"dependency proxy {'enabled' if proxy.enabled else 'disabled'} for {group.path}"
+    config = group_admin.change_proxy(dbsession, group, CLI_ACTOR, enabled=args.state == "enable")
+    return f"dependency proxy {'enabled' if config.enabled else 'disabled'} for {group.path}"
 
 
 def _registry(settings: Settings, name: str | None, *, configured: bool = True) -> str:
@@ -248,43 +239,29 @@ def _registry(settings: Settings, name: str | None, *, configured: bool = True) 
 def proxy_credentials(dbsession: Session, args: argparse.Namespace, settings: Settings) -> str:
     group = _group(dbsession, args.group)
     registry = _registry(settings, args.registry, configured=not args.clear)
-    stored = dbsession.get(UpstreamCredential, (group.id, registry))
     if args.clear:
         if args.username:
             raise CommandError("--clear takes no --username")
-        if stored is None:
+        if not group_admin.clear_upstream_credentials(dbsession, group, CLI_ACTOR, registry):
             return f"{group.path} has no upstream credentials for {registry}"
-        dbsession.delete(stored)
-        record(
-            dbsession,
-            CLI_ACTOR,
-            Action.CREDENTIALS_REMOVE,
-            group_path=group.path,
-            target=registry,
-            detail={"username": stored.username},
-        )
         return f"upstream credentials for {registry} cleared for {group.path}"
     if not args.username:
         raise CommandError("--username is needed (or --clear)")
-    if len(args.username) > 255:
-        raise CommandError("upstream user names are at most 255 characters")
     password = _read_secret(f"Password of {args.username} at {registry}: ")
-    encrypted = Keyring(settings.encryption_keys).encrypt(password)
-    if stored is None:
-        stored = UpstreamCredential(group=group, registry_host=registry)
-        dbsession.add(stored)
-    stored.username = args.username
-    stored.password_encrypted = encrypted
+    try:
+        group_admin.set_upstream_credentials(
+            dbsession,
+            group,
+            CLI_ACTOR,
+            registry,
+            args.username,
+            password,
+            Keyring(settings.encryption_keys),
+        )
+    except group_admin.InvalidChange as error:
+        raise CommandError(str(error)) from error
     if group.proxy_settings is None:
         group.proxy_settings = ProxySettings(enabled=True)
-    record(
-        dbsession,
-        CLI_ACTOR,
-        Action.CREDENTIALS_SET,
-        group_path=group.path,
-        target=registry,
-        detail={"username": args.username},
-    )
     return f"upstream credentials for {registry} set for {group.path}"
 
 
@@ -741,14 +718,7 @@ def group_remove(dbsession: Session, args: argparse.Namespace, settings) -> str:
 
 def purge(dbsession: Session, args: argparse.Namespace, settings) -> str:
     group = _group(dbsession, args.group)
-    counts = purge_group(dbsession, group.id)
-    record(
-        dbsession,
-        CLI_ACTOR,
-        Action.CACHE_PURGE,
-        group_path=group.path,
-        detail={"manifests": counts.manifests, "blobs": counts.blobs},
-    )
+    counts = group_admin.purge(dbsession, group, CLI_ACTOR)
     return (
         f"purged {group.path}: {counts.manifests} manifest(s) and {counts.blobs} blob(s) are no "
         "longer served; `depproxy-admin CONFIG_URI cleanup` deletes them from storage"
