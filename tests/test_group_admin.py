@@ -142,6 +142,7 @@ def test_group_admin_changes_are_audited_and_summarised(database):
         ]
         assert json.loads(events[1].detail) == {"enabled": [False, True], "ttl_days": [90, 7]}
         assert "s3cret" not in " ".join(e.detail for e in events)
+        assert group_admin.recent_changes(session, "admin-view", limit=2) == events[:1:-1]
         assert group_admin.cache_summary(session, group_id).manifests == 0
 
 

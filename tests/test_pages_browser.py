@@ -221,6 +221,17 @@ def test_an_owner_runs_the_proxy_from_its_page(kind, upstream, driver, tmp_path)
         assert pages.text("manifest-count") == "0"
         assert pages.text("blob-count") == "0"
         assert pages.has("no-images")
+        # The group's own audit log, newest first: the purge, the policy, the two switches.
+        changes = driver.find_elements(By.CSS_SELECTOR, "#group-audit-log tbody tr")
+        assert [row.find_elements(By.TAG_NAME, "td")[2].text for row in changes[:4]] == [
+            "cache.purge",
+            "proxy.ttl_policy",
+            "proxy.settings",
+            "proxy.settings",
+        ]
+        assert {row.find_elements(By.TAG_NAME, "td")[1].text for row in changes[:4]} == {
+            "user:owner"
+        }
         pages.screenshot("group-purged")
 
         # A form posted without its CSRF token is refused.
@@ -237,6 +248,7 @@ def test_an_owner_runs_the_proxy_from_its_page(kind, upstream, driver, tmp_path)
         assert driver.find_element(By.ID, "image-prefix").get_attribute("value") == prefix
         assert not pages.has("settings")
         assert not pages.has("toggle-proxy")
+        assert not pages.has("group-audit-log")
 
         # A non-member of the private group gets the page of a missing one.
         pages.sign_in("stranger", page_url)

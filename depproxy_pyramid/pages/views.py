@@ -238,6 +238,7 @@ def group_page(request: Request) -> Response:
         session, group.id, offset=(page_number - 1) * PAGE_SIZE, limit=PAGE_SIZE
     )
     prefix = f"{registry_host(request)}/{group.path}/dependency_proxy/containers"
+    can_administer = bool(request.has_permission(Permission.ADMINISTER))
     return page(
         request,
         "group",
@@ -253,7 +254,9 @@ def group_page(request: Request) -> Response:
             "registry_host": registry_host(request),
             "prefix": prefix,
             "registries": configured_registries(request),
-            "can_administer": bool(request.has_permission(Permission.ADMINISTER)),
+            "can_administer": can_administer,
+            # The group's own audit log: its owners' business, as its controls are.
+            "changes": group_admin.recent_changes(session, group.path) if can_administer else [],
             "ttl_min": group_admin.TTL_DAYS_MIN,
             "ttl_max": group_admin.TTL_DAYS_MAX,
         },

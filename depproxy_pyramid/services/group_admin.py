@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from ..audit import Action, record
 from ..credentials import Keyring
 from ..models import (
+    AuditEvent,
     CachedBlob,
     CachedManifest,
     CachedTag,
@@ -156,6 +157,18 @@ def purge(session: Session, group: Group, actor: str) -> PurgeCounts:
         detail={"manifests": counts.manifests, "blobs": counts.blobs},
     )
     return counts
+
+
+def recent_changes(session: Session, group_path: str, limit: int = 20) -> list[AuditEvent]:
+    """The group's audit log, newest first."""
+    return list(
+        session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.group_path == group_path)
+            .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
+            .limit(limit)
+        )
+    )
 
 
 @dataclass(frozen=True)
