@@ -65,9 +65,10 @@ JWT_AUDIENCE = "dependency_proxy"
 ANONYMOUS_SUBJECT = "anonymous"
 MAX_BASIC_HEADER = 4096
 TOKEN_PATH = "/jwt/auth"
-# The add-on's own URLs: the registry API (clients require it at the root), the token endpoint
-# and the metrics, and the JSON API's (`api`). Everything else belongs to the host.
-REGISTRY_PATHS = r"^/v2(/|$)|^/jwt/auth$|^/-/metrics$"
+# The add-on's own URLs: the registry API (clients require it at the root), the token endpoint,
+# the metrics and the health check, and the JSON API's (`api`). Everything else belongs to the
+# host.
+REGISTRY_PATHS = r"^/v2(/|$)|^/jwt/auth$|^/-/(metrics|health)$"
 ADDON_PATHS = rf"{REGISTRY_PATHS}|{API_PATHS}"
 _ADDON_PATHS_RE = re.compile(ADDON_PATHS)
 

@@ -40,6 +40,7 @@ def includeme(config: Configurator) -> None:
     config.add_route("depproxy.v2_base_bare", "/v2", factory=root)
     config.add_route("depproxy.registry", "/v2/*subpath", factory=".registry.registry_factory")
     config.add_route("depproxy.metrics", "/-/metrics", factory=root)
+    config.add_route("depproxy.health", "/-/health", factory=root)
     config.add_subscriber(_api_version_header, NewResponse)
     config.add_subscriber(record_when_body_done, NewResponse)
     # Outermost: malformed paths are answered before any tween decodes them.
@@ -50,6 +51,7 @@ def includeme(config: Configurator) -> None:
         "depproxy.v2_base",
         "depproxy.v2_base_bare",
         "depproxy.metrics",
+        "depproxy.health",
     ):
         # Without a predicate it comes after the route's views, which all take GET and so HEAD.
         config.add_view(

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SERVICE = "dependency_proxy"
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 # The add-on's reserved paths and whatever a client may have glued onto them.
-_RESERVED_PREFIX_RE = re.compile(r"^/(v2|jwt/auth|-/metrics)")
+_RESERVED_PREFIX_RE = re.compile(r"^/(v2|jwt/auth|-/metrics|-/health)")
 _REGISTRY_PATH_RE = re.compile(r"^/v2(/|\Z)")
 
 
