@@ -1,0 +1,164 @@
+"""`migrate-storage`: a real pulled cache moved from the filesystem to S3 (moto over HTTP) and
+back, each way killed part-way and resumed, then served by a proxy on the new storage without
+upstream; what it refuses to copy, and what it refuses to start."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+from sqlalchemy import select
+
+from depproxy_pyramid.models import CachedBlob, CachedManifest, CacheStatus
+from depproxy_pyramid.services.storage_migration import CHUNK
+from depproxy_pyramid.storage import Storage, storage_from_settings
+from tests.conftest import app_settings
+from tests.proxy import PULLER, Proxy, start_proxy
+from tests.server import BIN, ROOT, ServerProcess, free_port, write_ini
+from tests.support.registry import skopeo_pull
+
+IMAGES = ("multiarch/app:1.0", "library/alpine:latest")
+
+
+def run_admin(ini: Path, *args: str, tmpdir: Path) -> subprocess.CompletedProcess:
+    """`depproxy-admin INI ...` with a temporary directory of its own (S3's spool is in it)."""
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.run(
+        [str(BIN / "depproxy-admin"), str(ini), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)},
+    )
+
+
+def live_objects(database) -> dict[str, tuple[str, int]]:
+    """Every key a live row refers to, with its digest and size."""
+    manager, session = database.session()
+    with manager:
+        return {
+            key: (digest, size)
+            for model in (CachedManifest, CachedBlob)
+            for key, digest, size in session.execute(
+                select(model.storage_key, model.digest, model.size).where(
+                    model.status != CacheStatus.PENDING_DESTRUCTION
+                )
+            )
+        }
+
+
+def stored_digests(storage: Storage) -> dict[str, str]:
+    """Every object in `storage`, by key, with the sha256 digest of what it holds."""
+    digests = {}
+    for item in storage.objects():
+        with storage.open(item.key) as stream:
+            hasher = hashlib.sha256()
+            while chunk := stream.read(CHUNK):
+                hasher.update(chunk)
+        digests[item.key] = "sha256:" + hasher.hexdigest()
+    return digests
+
+
+def pull_without_upstream(proxy: Proxy, group: str, upstream, tmp_path: Path) -> None:
+    tmp_path.mkdir()
+    upstream.relay.reset_counts()
+    for number, image in enumerate(IMAGES):
+        skopeo_pull(proxy.ref(group, image), tmp_path / f"pull-{number}", creds=PULLER, all=True)
+    assert upstream.relay.count(kind="manifest") == 0
+    assert upstream.relay.count(kind="blob") == 0
+
+
+def test_a_pulled_cache_moves_to_s3_and_back_through_kills(upstream, moto_s3, tmp_path):
+    database_url = f"sqlite:///{tmp_path / 'proxy.sqlite'}"
+    # Tags fresh for an hour: the pulls on the new storage then need upstream for nothing.
+    fresh = {"depproxy.manifest.freshness_seconds": "3600"}
+    proxy = start_proxy(tmp_path / "first", database_url, upstream.url, **fresh)
+    try:
+        group = proxy.new_group("moving")
+        for number, image in enumerate(IMAGES):
+            skopeo_pull(
+                proxy.ref(group, image), tmp_path / f"fill-{number}", creds=PULLER, all=True
+            )
+    finally:
+        proxy.server.stop()
+    expected = live_objects(proxy.db)
+    assert len(expected) >= 8
+
+    base = {
+        key: value
+        for key, value in app_settings(
+            database_url,
+            tmp_path / "unused",
+            **{"depproxy.upstream.url": upstream.url, "depproxy.external_url": "", **fresh},
+        ).items()
+        if not key.startswith("depproxy.storage")
+    }
+    first = base | {"depproxy.storage": "filesystem", "depproxy.storage.path": str(proxy.storage)}
+    on_s3 = base | moto_s3.settings(prefix=f"moved-{uuid.uuid4().hex}")
+    back = base | {
+        "depproxy.storage": "filesystem",
+        "depproxy.storage.path": str(tmp_path / "back"),
+    }
+
+    for source, destination, name in ((first, on_s3, "s3"), (on_s3, back, "back")):
+        source_ini = write_ini(tmp_path / f"from-{name}.ini", source, free_port())
+        destination_port = free_port()
+        destination_ini = write_ini(tmp_path / f"{name}.ini", destination, destination_port)
+        killing_ini = write_ini(
+            tmp_path / f"killing-{name}.ini",
+            source
+            | {
+                "depproxy.storage": "tests.support.killing_storage:KillingStorage",
+                "depproxy.test.inner_storage": source["depproxy.storage"],
+                "depproxy.test.kill_on_open": "4",
+            },
+            free_port(),
+        )
+        tmpdir = tmp_path / f"tmp-{name}"
+        destination_storage = storage_from_settings(destination)
+        # The command's spool: S3's is in its temporary directory, the filesystem's in the root.
+        spool = (
+            tmpdir / "depproxy-spool"
+            if destination["depproxy.storage"] == "s3"
+            else tmp_path / name / ".tmp"
+        )
+
+        killed = run_admin(
+            killing_ini, "migrate-storage", "--to", str(destination_ini), tmpdir=tmpdir
+        )
+
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        # Three objects were published; the fourth was being written to a spool file when the
+        # process died, and is not under its key.
+        published = stored_digests(destination_storage)
+        assert len(published) == 3
+        assert all(expected[key][0] == digest for key, digest in published.items())
+        assert len(list(spool.glob("migrate-*"))) == 1
+
+        resumed = run_admin(
+            source_ini, "migrate-storage", "--to", str(destination_ini), tmpdir=tmpdir
+        )
+
+        assert resumed.returncode == 0, resumed.stderr
+        assert resumed.stderr == ""
+        assert resumed.stdout.splitlines()[-1] == (
+            f"migrate-storage done: {len(expected)}/{len(expected)} object(s), "
+            f"{_mib(expected)}/{_mib(expected)}: {len(expected) - 3} copied "
+            f"({_mib(expected, without=published)}), 3 already there, 0 not copied"
+        )
+        assert stored_digests(destination_storage) == {
+            key: digest for key, (digest, _) in expected.items()
+        }
+
+        with ServerProcess(destination_ini, destination_port, tmp_path / f"{name}.log") as server:
+            moved = Proxy(server, destination_ini, proxy.db, tmp_path / "unused")
+            pull_without_upstream(moved, group, upstream, tmp_path / f"pulled-{name}")
+
+
+def _mib(objects: dict[str, tuple[str, int]], without: dict[str, str] | None = None) -> str:
+    size = sum(size for key, (_, size) in objects.items() if key not in (without or {}))
+    return f"{size / (1024 * 1024):.1f} MiB"
