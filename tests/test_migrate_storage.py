@@ -8,15 +8,19 @@ import hashlib
 import os
 import signal
 import subprocess
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
-from depproxy_pyramid.models import CachedBlob, CachedManifest, CacheStatus
-from depproxy_pyramid.services.storage_migration import CHUNK
+from depproxy_pyramid.models import CachedBlob, CachedManifest, CacheStatus, Group, Visibility
+from depproxy_pyramid.services.proxy import storage_key
+from depproxy_pyramid.services.storage_migration import CHUNK, StorageMigration
 from depproxy_pyramid.storage import Storage, storage_from_settings
-from tests.conftest import app_settings
+from tests.conftest import Database, app_settings, migrate
 from tests.proxy import PULLER, Proxy, start_proxy
 from tests.server import BIN, ROOT, ServerProcess, free_port, write_ini
 from tests.support.registry import skopeo_pull
@@ -162,3 +166,162 @@ def test_a_pulled_cache_moves_to_s3_and_back_through_kills(upstream, moto_s3, tm
 def _mib(objects: dict[str, tuple[str, int]], without: dict[str, str] | None = None) -> str:
     size = sum(size for key, (_, size) in objects.items() if key not in (without or {}))
     return f"{size / (1024 * 1024):.1f} MiB"
+
+
+# --- What is copied, and what is not ---------------------------------------------------------
+
+
+@pytest.fixture
+def database(empty_database_url) -> Iterator[Database]:
+    """A database of the test's own: a run copies what every row of it refers to."""
+    migrate(empty_database_url)
+    db = Database(empty_database_url)
+    yield db
+    db.engine.dispose()
+
+
+def filesystem_storage(path: Path) -> Storage:
+    return storage_from_settings(
+        {"depproxy.storage": "filesystem", "depproxy.storage.path": str(path)}
+    )
+
+
+@pytest.fixture(params=["filesystem-to-s3", "s3-to-filesystem"])
+def stores(request, tmp_path) -> tuple[Storage, Storage]:
+    on_s3 = storage_from_settings(
+        request.getfixturevalue("moto_s3").settings(prefix=uuid.uuid4().hex)
+    )
+    on_disk = filesystem_storage(tmp_path / "store")
+    return (on_disk, on_s3) if request.param == "filesystem-to-s3" else (on_s3, on_disk)
+
+
+def new_group(database: Database) -> int:
+    path = f"migrating-{uuid.uuid4().hex[:8]}"
+    manager, session = database.session()
+    with manager:
+        group = Group(path=path, name=path, visibility=Visibility.PRIVATE)
+        session.add(group)
+        session.flush()
+        return group.id
+
+
+def put(storage: Storage, key: str, data: bytes) -> None:
+    fd, path = tempfile.mkstemp(dir=storage.spool_dir)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    storage.put_file(key, path)
+
+
+def cached(
+    database: Database,
+    storage: Storage,
+    model: type[CachedBlob] | type[CachedManifest],
+    group_id: int,
+    data: bytes,
+    *,
+    stored: bytes | None = None,
+    algorithm: str = "sha256",
+    status: CacheStatus = CacheStatus.DEFAULT,
+    image: str = "app",
+) -> str:
+    """A row for `data`, with `stored` (when given) put under its key; the key."""
+    digest = f"{algorithm}:" + hashlib.new(algorithm, data).hexdigest()
+    kind = "manifests" if model is CachedManifest else "blobs"
+    key = storage_key(group_id, kind, digest)
+    if stored is not None:
+        put(storage, key, stored)
+    values = {
+        "group_id": group_id,
+        "digest": digest,
+        "size": len(data),
+        "content_type": "application/octet-stream",
+        "storage_key": key,
+        "status": status,
+    }
+    if model is CachedManifest:
+        values["image"] = image
+    manager, session = database.session()
+    with manager:
+        session.add(model(**values))
+    return key
+
+
+class ReadSizes:
+    """A storage that records the largest read its streams were asked for."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.largest = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def open(self, key: str) -> _RecordedStream:
+        return _RecordedStream(self.inner.open(key), self)
+
+
+class _RecordedStream:
+    def __init__(self, stream, sizes: ReadSizes) -> None:
+        self.stream = stream
+        self.sizes = sizes
+
+    def read(self, size: int = -1) -> bytes:
+        assert size > 0, "an unbounded read"
+        self.sizes.largest = max(self.sizes.largest, size)
+        return self.stream.read(size)
+
+    def __enter__(self) -> _RecordedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+
+def test_only_objects_that_match_their_rows_are_copied_in_bounded_reads(database, stores):
+    source, destination = stores
+    group_id = new_group(database)
+    layer = os.urandom(3 * CHUNK + 5)
+    copied = {
+        cached(database, source, CachedBlob, group_id, layer, stored=layer): layer,
+        cached(
+            database, source, CachedBlob, group_id, b"sha512", stored=b"sha512",
+            algorithm="sha512",
+        ): b"sha512",
+        # Two images' rows of one manifest share its object; one of them is purged.
+        cached(database, source, CachedManifest, group_id, b"{}", stored=b"{}", image="a"): b"{}",
+    }  # fmt: skip
+    cached(
+        database, source, CachedManifest, group_id, b"{}", image="b",
+        status=CacheStatus.PENDING_DESTRUCTION,
+    )  # fmt: skip
+    purged = cached(
+        database, source, CachedBlob, group_id, b"purged", stored=b"purged",
+        status=CacheStatus.PENDING_DESTRUCTION,
+    )  # fmt: skip
+    flipped = cached(database, source, CachedBlob, group_id, b"original", stored=b"0riginal")
+    short = cached(database, source, CachedBlob, group_id, b"complete", stored=b"compl")
+    long = cached(database, source, CachedBlob, group_id, b"exact", stored=b"exact and more")
+    missing = cached(database, source, CachedBlob, group_id, b"never stored")
+    reads = ReadSizes(source)
+    failed: list[str] = []
+
+    counts = StorageMigration(
+        database.session_factory, reads, destination, failed=failed.append
+    ).run()
+
+    assert sorted(failed) == sorted(
+        [
+            f"{flipped}: the source's object does not match its sha256 digest; not copied",
+            f"{short}: the source's object has 5 bytes where its row records 8; not copied",
+            f"{long}: the source's object has more than the 5 bytes its row records; not copied",
+            f"{missing}: missing from the source; not copied",
+        ]
+    )
+    assert counts.failures == failed
+    assert (counts.objects, counts.copied_objects, counts.present_objects) == (7, 3, 0)
+    assert {item.key for item in destination.objects()} == set(copied)
+    for key, data in copied.items():
+        with destination.open(key) as stream:
+            assert stream.read() == data
+    assert destination.size(purged) is None
+    assert reads.largest == CHUNK
