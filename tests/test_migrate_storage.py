@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from depproxy_pyramid.models import CachedBlob, CachedManifest, CacheStatus, Group, Visibility
 from depproxy_pyramid.services.proxy import storage_key
@@ -325,3 +325,163 @@ def test_only_objects_that_match_their_rows_are_copied_in_bounded_reads(database
             assert stream.read() == data
     assert destination.size(purged) is None
     assert reads.largest == CHUNK
+
+
+def test_a_spoiled_object_at_the_destination_is_trusted_by_size_unless_verified(database, tmp_path):
+    source, destination = filesystem_storage(tmp_path / "a"), filesystem_storage(tmp_path / "b")
+    group_id = new_group(database)
+    key = cached(database, source, CachedBlob, group_id, b"layer", stored=b"layer")
+    StorageMigration(database.session_factory, source, destination).run()
+    Path(destination.local_path(key)).write_bytes(b"LAYER")
+
+    trusted = StorageMigration(database.session_factory, source, destination).run()
+
+    assert (trusted.present_objects, trusted.copied_objects) == (1, 0)
+    assert Path(destination.local_path(key)).read_bytes() == b"LAYER"
+    notes: list[str] = []
+
+    verified = StorageMigration(
+        database.session_factory,
+        source,
+        destination,
+        verify_existing=True,
+        progress=notes.append,
+    ).run()
+
+    assert (verified.present_objects, verified.copied_objects) == (0, 1)
+    assert (
+        f"{key}: the destination's object does not match its sha256 digest; copying it again"
+        in notes
+    )
+    assert Path(destination.local_path(key)).read_bytes() == b"layer"
+
+
+class DestroyedWhileOpened:
+    """A storage whose object under `key` is destroyed, as `cleanup` does, as it is opened."""
+
+    def __init__(self, inner: Storage, database: Database, key: str) -> None:
+        self.inner = inner
+        self.database = database
+        self.key = key
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def open(self, key: str):
+        if key == self.key:
+            manager, session = self.database.session()
+            with manager:
+                session.execute(delete(CachedBlob).where(CachedBlob.storage_key == key))
+            self.inner.delete(key)
+        return self.inner.open(key)
+
+
+def test_an_object_destroyed_during_the_run_is_no_failure(database, tmp_path):
+    source, destination = filesystem_storage(tmp_path / "a"), filesystem_storage(tmp_path / "b")
+    group_id = new_group(database)
+    kept = cached(database, source, CachedBlob, group_id, b"kept", stored=b"kept")
+    destroyed = cached(database, source, CachedBlob, group_id, b"destroyed", stored=b"destroyed")
+
+    counts = StorageMigration(
+        database.session_factory, DestroyedWhileOpened(source, database, destroyed), destination
+    ).run()
+
+    assert (counts.copied_objects, counts.vanished_objects, counts.failures) == (1, 1, [])
+    assert [item.key for item in destination.objects()] == [kept]
+
+
+# --- The command's refusals ------------------------------------------------------------------
+
+
+@pytest.fixture
+def source_ini(tmp_path) -> Path:
+    path = write_ini(
+        tmp_path / "source.ini",
+        app_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "source"),
+        free_port(),
+    )
+    migrate(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    return path
+
+
+def refused(source_ini: Path, destination: dict[str, str] | str, tmp_path: Path) -> str:
+    """The one line `migrate-storage --to` a destination ini (or path) fails with."""
+    if isinstance(destination, dict):
+        to = str(write_ini(tmp_path / "to.ini", destination, free_port()))
+    else:
+        to = destination
+    result = run_admin(source_ini, "migrate-storage", "--to", to, tmpdir=tmp_path / "tmp")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("depproxy-admin: error: ")
+    return line.removeprefix("depproxy-admin: error: ")
+
+
+def test_migrate_storage_refuses_what_it_cannot_do_in_one_line(source_ini, tmp_path, moto_s3):
+    database_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    missing = tmp_path / "missing.ini"
+    assert refused(source_ini, str(missing), tmp_path) == (
+        f"cannot read --to {missing}: [Errno 2] No such file or directory: '{missing}'"
+    )
+    (tmp_path / "no-app.ini").write_text("[server:main]\nport = 1\n")
+    assert refused(source_ini, str(tmp_path / "no-app.ini"), tmp_path).startswith(
+        f"cannot read --to {tmp_path / 'no-app.ini'}: No section 'main'"
+    )
+    assert refused(source_ini, {"depproxy.storage.path": str(tmp_path / "b")}, tmp_path) == (
+        f"--to {tmp_path / 'to.ini'} names no database (sqlalchemy.url)"
+    )
+    assert refused(
+        source_ini, app_settings(f"sqlite:///{tmp_path / 'other.sqlite'}", tmp_path / "b"), tmp_path
+    ) == (
+        f"--to {tmp_path / 'to.ini'} names another database than {source_ini}: both must name "
+        "the one whose rows refer to the objects"
+    )
+    (tmp_path / "link").symlink_to(tmp_path / "source")
+    assert refused(source_ini, app_settings(database_url, tmp_path / "link"), tmp_path) == (
+        f"{source_ini} and --to {tmp_path / 'to.ini'} configure the same storage "
+        f"(file://{(tmp_path / 'source').resolve()}): there is nothing to copy"
+    )
+    assert refused(
+        source_ini,
+        app_settings(database_url, tmp_path / "b") | {"depproxy.storage": "s3"},
+        tmp_path,
+    ) == (f"--to {tmp_path / 'to.ini'}: setting 'depproxy.storage.s3.bucket': is required")
+    closed = f"http://127.0.0.1:{free_port()}"
+    s3 = app_settings(database_url, tmp_path / "b") | moto_s3.settings(endpoint_url=closed)
+    assert refused(source_ini, s3, tmp_path).startswith(
+        f"destination storage s3://{moto_s3.bucket}/ at {closed}: EndpointConnectionError: "
+        f'Could not connect to the endpoint URL: "{closed}/'
+    )
+
+
+def test_corrupt_source_objects_are_named_and_fail_the_run(source_ini, tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    source = filesystem_storage(tmp_path / "source")
+    group_id = new_group(database)
+    cached(database, source, CachedBlob, group_id, b"good", stored=b"good")
+    corrupt = cached(database, source, CachedBlob, group_id, b"good?", stored=b"evil?")
+    to = write_ini(
+        tmp_path / "to.ini",
+        app_settings(database.url, tmp_path / "destination"),
+        free_port(),
+    )
+
+    result = run_admin(
+        source_ini, "migrate-storage", "--to", str(to), "--quiet", tmpdir=tmp_path / "tmp"
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"depproxy-admin: error: {corrupt}: the source's object does not match its sha256 "
+        "digest; not copied",
+        "depproxy-admin: error: 1 object(s) missing or corrupt in the source were not copied "
+        "(named above)",
+    ]
+    assert result.stdout.splitlines() == [
+        "migrate-storage done: 2/2 object(s), 0.0 MiB/0.0 MiB: 1 copied (0.0 MiB), "
+        "0 already there, 1 not copied"
+    ]
+    assert [item.key for item in filesystem_storage(tmp_path / "destination").objects()] == [
+        storage_key(group_id, "blobs", "sha256:" + hashlib.sha256(b"good").hexdigest())
+    ]
+    database.engine.dispose()
