@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import delete, select
 
 from depproxy_pyramid.models import CachedBlob, CachedManifest, CacheStatus, Group, Visibility
+from depproxy_pyramid.services import storage_migration
 from depproxy_pyramid.services.proxy import storage_key
 from depproxy_pyramid.services.storage_migration import CHUNK, StorageMigration
 from depproxy_pyramid.storage import Storage, storage_from_settings
@@ -485,3 +486,33 @@ def test_corrupt_source_objects_are_named_and_fail_the_run(source_ini, tmp_path)
         storage_key(group_id, "blobs", "sha256:" + hashlib.sha256(b"good").hexdigest())
     ]
     database.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("every_objects", "every_bytes", "sizes", "reported_after"),
+    [(2, 100 * CHUNK, [1, 2, 3, 4, 5], [2, 4]), (100, 2 * CHUNK, [CHUNK + 1] * 3, [2])],
+    ids=["objects", "bytes"],
+)
+def test_progress_is_a_line_every_so_many_objects_or_bytes(
+    database, tmp_path, monkeypatch, every_objects, every_bytes, sizes, reported_after
+):
+    monkeypatch.setattr(storage_migration, "PROGRESS_OBJECTS", every_objects)
+    monkeypatch.setattr(storage_migration, "PROGRESS_BYTES", every_bytes)
+    source, destination = filesystem_storage(tmp_path / "a"), filesystem_storage(tmp_path / "b")
+    group_id = new_group(database)
+    for size in sizes:
+        data = os.urandom(size)
+        cached(database, source, CachedBlob, group_id, data, stored=data)
+    lines: list[str] = []
+
+    StorageMigration(database.session_factory, source, destination, progress=lines.append).run()
+
+    total = sum(sizes) / (1024 * 1024)
+    assert lines[0] == (
+        f"copying {len(sizes)} object(s), {total:.1f} MiB, from {source.location} to "
+        f"{destination.location}"
+    )
+    assert [line.split(" ", 1)[0] for line in lines[1:]] == [
+        f"{done}/{len(sizes)}" for done in reported_after
+    ]
+    assert all(line.endswith("0 already there, 0 not copied") for line in lines[1:])
