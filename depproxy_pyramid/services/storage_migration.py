@@ -212,9 +212,13 @@ class StorageMigration:
         try:
             # `cleanup` leaves a locked spool file alone, however long the copy takes.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            with os.fdopen(fd, "wb", closefd=False) as spool:
+            with (
+                _failing_as("destination", self.destination),
+                os.fdopen(fd, "wb", closefd=False) as spool,
+            ):
 
                 def write(chunk: bytes) -> None:
+                    # Named here, or the source's wrapper around the read would claim it.
                     with _failing_as("destination", self.destination):
                         spool.write(chunk)
 
