@@ -461,6 +461,19 @@ def test_fs_creates_missing_root(tmp_path: Path) -> None:
     assert os.path.isdir(storage.spool_dir)
 
 
+def test_fs_location_is_the_resolved_root(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "store")
+
+    storage = storage_from_settings({"depproxy.storage.path": str(tmp_path / "store")})
+    through_link = storage_from_settings({"depproxy.storage.path": str(tmp_path / "link")})
+    other = storage_from_settings({"depproxy.storage.path": str(tmp_path / "other")})
+
+    assert storage.location == f"file://{(tmp_path / 'store').resolve()}"
+    assert through_link.location == storage.location
+    assert other.location != storage.location
+
+
 # --- S3 --------------------------------------------------------------------------------------
 
 
@@ -486,6 +499,20 @@ def test_s3_objects_are_those_under_the_prefix(moto_s3: MotoS3, s3_prefix: str) 
     moto_s3.client().put_object(Bucket=moto_s3.bucket, Key=f"{s3_prefix}/not a key", Body=b"x")
 
     assert [item.key for item in storage.objects()] == [KEY]
+
+
+def test_s3_location_is_endpoint_bucket_and_prefix(moto_s3: MotoS3, s3_prefix: str) -> None:
+    storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
+    # Credentials written into the endpoint's URL stay out of messages.
+    port = moto_s3.endpoint_url.rsplit(":", 1)[1]
+    with_userinfo = storage_from_settings(
+        moto_s3.settings(prefix=s3_prefix, endpoint_url=f"http://user:pw@127.0.0.1:{port}")
+    )
+    other_prefix = storage_from_settings(moto_s3.settings(prefix=s3_prefix + "-other"))
+
+    assert storage.location == f"s3://{moto_s3.bucket}/{s3_prefix} at {moto_s3.endpoint_url}"
+    assert with_userinfo.location == storage.location
+    assert other_prefix.location != storage.location
 
 
 def test_s3_large_upload_is_multipart(moto_s3: MotoS3, s3_prefix: str) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
+import os
 import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pyramid.paster import bootstrap, get_appsettings, setup_logging
 from pyramid.registry import Registry
 from sqlalchemy import delete, func, or_, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, joinedload
 
@@ -39,13 +42,16 @@ from ..models import (
     Scope,
     User,
     Visibility,
+    database_prefix,
     engine_from_settings,
 )
 from ..models.accounts import UpstreamCredential
 from ..names import group_path_problem
 from ..services import group_admin
 from ..services.cleanup import ORPHAN_GRACE, SPOOL_GRACE, Cleanup
-from ..settings import Settings, parse_settings
+from ..services.storage_migration import StorageFailed, StorageMigration
+from ..settings import ConfigurationError, Settings, parse_settings
+from ..storage import Storage, storage_from_settings
 from ..upstream.routing import default_registry_host, registry_hosts
 
 MAX_PASSWORD = 1024
@@ -749,6 +755,72 @@ def cleanup(registry: Registry, args: argparse.Namespace) -> str:
     )
 
 
+def _database(settings: Mapping[str, str]) -> tuple[object, ...] | None:
+    """What names the add-on's database in `settings`: two spellings of one (a relative SQLite
+    path, another password) give the same."""
+    text = settings.get(database_prefix(settings) + "url")
+    if not text:
+        return None
+    url = make_url(text)
+    database = url.database
+    if url.get_backend_name() == "sqlite" and database and database != ":memory:":
+        database = os.path.realpath(database)
+    return (url.get_backend_name(), url.host, url.port, database)
+
+
+def _destination(config_uri: str, other_uri: str, settings: Mapping[str, str]) -> Storage:
+    """The storage `other_uri` configures, refused unless it names this database: the objects
+    are copied for this database's rows, whose keys hold its group ids."""
+    try:
+        other = get_appsettings(other_uri)
+    except (OSError, LookupError, ValueError, configparser.Error) as error:
+        raise CommandError(f"cannot read --to {other_uri}: {_first_line(error)}") from error
+    if _database(other) is None:
+        raise CommandError(f"--to {other_uri} names no database (sqlalchemy.url)")
+    if _database(other) != _database(settings):
+        raise CommandError(
+            f"--to {other_uri} names another database than {config_uri}: both must name the one "
+            "whose rows refer to the objects"
+        )
+    try:
+        return storage_from_settings(other)
+    except (ConfigurationError, OSError) as error:
+        raise CommandError(f"--to {other_uri}: {_first_line(error)}") from error
+
+
+def migrate_storage(registry: Registry, args: argparse.Namespace) -> str:
+    source = registry["depproxy.proxy"].storage
+    destination = _destination(args.config_uri, args.to, registry.settings)
+    if destination.location == source.location:
+        raise CommandError(
+            f"{args.config_uri} and --to {args.to} configure the same storage "
+            f"({source.location}): there is nothing to copy"
+        )
+    run = StorageMigration(
+        registry["depproxy.dbsession_factory"],
+        source,
+        destination,
+        verify_existing=args.verify_existing,
+        progress=(lambda line: None) if args.quiet else lambda line: print(line, flush=True),
+        failed=lambda line: print(f"depproxy-admin: error: {line}", file=sys.stderr, flush=True),
+    )
+    try:
+        counts = run.run()
+    except StorageFailed as error:
+        done = run.counts.checked_objects
+        raise CommandError(
+            str(error) + (f"; stopped after {done} object(s), run again to go on" if done else "")
+        ) from error
+    summary = "migrate-storage done: " + counts.summary()
+    if counts.failures:
+        print(summary, flush=True)
+        raise CommandError(
+            f"{len(counts.failures)} object(s) missing or corrupt in the source were not copied "
+            "(named above)"
+        )
+    return summary
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depproxy-admin", description=__doc__)
     parser.add_argument("config_uri", help="the ini file, e.g. production.ini")
@@ -883,6 +955,25 @@ def _parser() -> argparse.ArgumentParser:
         "when there is nothing to do, exit status 1 when an object could not be deleted",
     )
 
+    migrate = commands.add_parser(
+        "migrate-storage",
+        help="copy every object the cache's rows refer to into the storage another ini file "
+        "configures, verifying each against its digest; run again to resume or catch up, then "
+        "point the app at that ini",
+    )
+    migrate.add_argument(
+        "--to",
+        required=True,
+        metavar="OTHER_CONFIG_URI",
+        help="the ini file (of the same database) whose depproxy.storage settings say where to",
+    )
+    migrate.add_argument(
+        "--verify-existing",
+        action="store_true",
+        help="re-hash objects already at the destination instead of trusting their size",
+    )
+    migrate.add_argument("--quiet", action="store_true", help="print no progress lines")
+
     audit = commands.add_parser("audit", help="the audit log, newest first")
     audit.add_argument("--group", metavar="PATH", help="only this group's (and subgroups') events")
     audit.add_argument("--limit", type=int, default=AUDIT_LIMIT, metavar="N")
@@ -926,6 +1017,8 @@ def run(argv: Sequence[str] | None = None) -> str:
     with bootstrap(args.config_uri) as env:
         if args.command == "cleanup":
             return cleanup(env["registry"], args)
+        if args.command == "migrate-storage":
+            return migrate_storage(env["registry"], args)
         handler: Callable[[Session, argparse.Namespace, object], str] = args.handler
         request = env["request"]
         settings = env["registry"]["depproxy.settings"]

@@ -60,6 +60,9 @@ class Storage(Protocol):
     spool_dir: str
     """A local directory for the temporary files that callers later hand to `put_file`."""
 
+    location: str
+    """Where the blobs are, for messages; two instances with the same location are one store."""
+
     def open(self, key: str) -> BinaryIO:
         """Return the blob for streaming reads; raise BlobNotFound when absent."""
         ...

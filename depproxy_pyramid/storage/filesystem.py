@@ -32,6 +32,8 @@ class FilesystemStorage:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        # Resolved, so that two spellings of one directory (a symlink, `..`) name one store.
+        self.location = "file://" + os.path.realpath(self.root)
         # Inside the root so that publishing a spooled file is a rename on one filesystem; keys
         # cannot start with a dot, so none can land in here.
         self.spool_dir = os.path.join(self.root, ".tmp")

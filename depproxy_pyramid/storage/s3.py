@@ -62,6 +62,7 @@ class S3Storage:
         self._prefix = prefix
         self._redirect = redirect
         self.spool_dir = _private_spool_dir()
+        self.location = f"s3://{bucket}/{prefix} at {_endpoint(client)}"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, str]) -> S3Storage:
@@ -195,6 +196,13 @@ def _flag(settings: Mapping[str, str], name: str) -> bool:
     if value.lower() in ("true", "yes", "on", "1"):
         return True
     raise ConfigurationError(_SETTING + name, f"expected a boolean, got {value!r}")
+
+
+def _endpoint(client: BaseClient) -> str:
+    """The client's endpoint without any credentials written into its URL."""
+    parts = urlsplit(client.meta.endpoint_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 def _error_code(exc: ClientError) -> str:
