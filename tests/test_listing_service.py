@@ -162,3 +162,21 @@ def test_referrers_are_kept_and_served_stale_like_tag_lists(database, tmp_path, 
     fake.answer = UpstreamTimeout("read timed out")
     stale = service.referrers(group, IMAGE, SUBJECT)
     assert (stale.content, stale.result) == ({"manifests": [SBOM]}, Result.STALE)
+
+
+def test_referrers_are_served_stale_when_the_fallback_tag_fails_upstream(
+    database, tmp_path, group, monkeypatch
+):
+    service = make_service(database, tmp_path)
+    api = upstream_calls(service, monkeypatch, "get_referrers", (SBOM,))
+    assert service.referrers(group, IMAGE, SUBJECT).content == {"manifests": [SBOM]}
+    # Now upstream has no referrers API, and its referrers tag times out.
+    api.answer = UpstreamNotFound("no referrers API", status=404)
+    tag = upstream_calls(service, monkeypatch, "get_manifest", UpstreamTimeout("timed out"))
+    stale = service.referrers(group, IMAGE, SUBJECT)
+    assert (stale.content, stale.result) == ({"manifests": [SBOM]}, Result.STALE)
+    assert tag.calls == 1
+    # With nothing kept, the fallback's error is the answer.
+    with pytest.raises(RegistryError) as raised:
+        service.referrers(group, IMAGE, "sha256:" + "c" * 64)
+    assert raised.value.status == 504

@@ -991,7 +991,20 @@ class ProxyService:
                 if without_api is None:
                     raise
                 upstream_status = error.status
-                content = without_api()
+                try:
+                    content = without_api()
+                except RegistryError as failure:
+                    # The fallback failed upstream in turn (its error already as a client sees
+                    # it): the kept answer still beats none, as for the API's own failure.
+                    if kept is None or not (failure.status >= 500 or failure.status == 429):
+                        raise
+                    log.warning(
+                        "serving %s as kept at %s because upstream failed: %s",
+                        what,
+                        kept.fetched_at.isoformat(timespec="seconds"),
+                        failure.message,
+                    )
+                    return Listing(json.loads(kept.content), Result.STALE, failure.status)
         except (UpstreamUnavailable, UpstreamRateLimited) as error:
             self.metrics.upstream_errors.labels(kind, type(error).__name__).inc()
             if kept is None:
