@@ -18,7 +18,7 @@ from pyramid.request import Request
 from pyramid.response import Response
 from webob.util import status_reasons
 
-from ..errors import code_for_status
+from ..errors import RegistryError, code_for_status
 from ..models import Scope
 from ..permissions import Permission
 from ..resources import GroupResource
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 REALM = 'Bearer realm="dependency_proxy_api"'
 
 
-class ApiError(Exception):
-    """An error of the JSON API; `summary` is GitLab's `message` ("404 Group Not Found")."""
+class ApiError(RegistryError):
+    """An error of the JSON API: a registry error with GitLab's `message` ("404 Group Not
+    Found") beside the `errors` list."""
 
     def __init__(
         self,
@@ -43,19 +44,11 @@ class ApiError(Exception):
         summary: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.detail = detail
+        super().__init__(status, code, message, detail, headers)
         self.summary = summary or f"{status} {status_reasons.get(status, 'Error')}"
-        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "message": self.summary,
-            "errors": [{"code": self.code, "message": self.message, "detail": self.detail}],
-        }
+        return {"message": self.summary, **super().body()}
 
 
 def bad_request(message: str, detail: Any = None) -> ApiError:
