@@ -20,14 +20,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
+from depproxy_pyramid.services.cleanup import _remove_unless_locked
+from depproxy_pyramid.services.fills import remove_abandoned_spool_files
 from depproxy_pyramid.storage import (
+    UPLOAD_PREFIX,
     BlobNotFound,
     ConfigurationError,
     Storage,
+    Upload,
     storage_from_settings,
 )
 from depproxy_pyramid.storage.filesystem import FilesystemStorage, accel_redirect_uri
-from depproxy_pyramid.storage.s3 import S3Storage
+from depproxy_pyramid.storage.s3 import UPLOAD_PART_SIZE, S3Storage
 
 if TYPE_CHECKING:
     from tests.support_s3 import MotoS3
@@ -44,7 +48,9 @@ class Backend:
     name: str
     storage: Storage
     break_publishing: Callable[[], None]
-    """Make the next put_file fail with OSError where it would publish the blob."""
+    """Make the next put_file or upload commit fail with OSError where it would publish the
+    blob."""
+    server: MotoS3 | None = None
 
 
 @pytest.fixture(params=["filesystem", "s3"])
@@ -65,6 +71,8 @@ def backend(
         return Backend("filesystem", storage, break_publishing)
 
     server: MotoS3 = request.getfixturevalue("moto_s3")
+    # A spool directory of its own, so that what a test finds there is its own doing.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     # A fresh prefix per test keeps tests apart in the one shared bucket.
     storage = storage_from_settings(server.settings(prefix=uuid.uuid4().hex, redirect="true"))
 
@@ -74,8 +82,9 @@ def backend(
     def break_publishing() -> None:
         # The client is private, but hooking it is the only way to fail a real upload mid-way.
         storage._client.meta.events.register("before-call.s3.PutObject", failing_put)
+        storage._client.meta.events.register("before-call.s3.CompleteMultipartUpload", failing_put)
 
-    return Backend("s3", storage, break_publishing)
+    return Backend("s3", storage, break_publishing, server)
 
 
 def spool(storage: Storage, data: bytes) -> str:
@@ -275,6 +284,9 @@ def test_invalid_keys_are_rejected(backend: Backend, key: str) -> None:
     with pytest.raises(ValueError, match="invalid storage key"):
         storage.put_file(key, source)
     assert not os.path.exists(source)
+    with pytest.raises(ValueError, match="invalid storage key"):
+        storage.begin_upload(key)
+    assert os.listdir(storage.spool_dir) == []
 
 
 def test_failed_put_publishes_nothing_and_removes_source(backend: Backend) -> None:
@@ -340,6 +352,101 @@ def test_concurrent_puts_into_one_new_directory(backend: Backend) -> None:
 
     for key, data in blobs.items():
         assert read_all(storage, key) == data
+
+
+def write_in_chunks(upload: Upload, size: int, chunk_size: int = MIB) -> bytes:
+    """Write `size` random bytes in `chunk_size` pieces; return them."""
+    data = os.urandom(size)
+    for offset in range(0, size, chunk_size):
+        upload.write(data[offset : offset + chunk_size])
+    return data
+
+
+def pending_uploads(backend: Backend) -> list[object]:
+    """What a failed or aborted upload could have left behind besides an object."""
+    left = [
+        os.path.join(backend.storage.spool_dir, name)
+        for name in os.listdir(backend.storage.spool_dir)
+    ]
+    if backend.name == "s3":
+        assert isinstance(backend.storage, S3Storage)
+        server: MotoS3 = backend.server
+        listing = server.client().list_multipart_uploads(
+            Bucket=server.bucket, Prefix=backend.storage._prefix
+        )
+        left += listing.get("Uploads", [])
+    return left
+
+
+def test_upload_is_published_only_by_commit(backend: Backend) -> None:
+    storage = backend.storage
+    upload = storage.begin_upload(KEY)
+    # Three parts and a short fourth on S3: more than a single part's path.
+    data = write_in_chunks(upload, 3 * UPLOAD_PART_SIZE + 17)
+
+    assert storage.size(KEY) is None
+    upload.commit()
+
+    assert storage.size(KEY) == len(data)
+    assert hashlib.sha256(read_all(storage, KEY)).digest() == hashlib.sha256(data).digest()
+    assert pending_uploads(backend) == []
+    upload.abort()  # after a commit: nothing to undo
+    assert storage.size(KEY) == len(data)
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, UPLOAD_PART_SIZE - 1, UPLOAD_PART_SIZE, 2 * UPLOAD_PART_SIZE]
+)
+def test_upload_sizes_around_a_part(backend: Backend, size: int) -> None:
+    upload = backend.storage.begin_upload(KEY)
+    data = write_in_chunks(upload, size, chunk_size=3 * MIB)
+    upload.commit()
+
+    assert read_all(backend.storage, KEY) == data
+    assert pending_uploads(backend) == []
+
+
+def test_aborted_upload_leaves_nothing(backend: Backend) -> None:
+    storage = backend.storage
+    upload = storage.begin_upload(KEY)
+    write_in_chunks(upload, 2 * UPLOAD_PART_SIZE + 5)
+    assert pending_uploads(backend) != []  # under way: a file, or parts sent
+
+    upload.abort()
+    upload.abort()
+
+    assert storage.size(KEY) is None
+    assert pending_uploads(backend) == []
+    with pytest.raises(ValueError, match="aborted"):
+        upload.write(b"more")
+    with pytest.raises(ValueError, match="aborted"):
+        upload.commit()
+    assert storage.size(KEY) is None
+
+
+def test_an_upload_does_not_disturb_what_the_key_holds(backend: Backend) -> None:
+    storage = backend.storage
+    storage.put_file(KEY, spool(storage, DATA))
+    upload = storage.begin_upload(KEY)
+    write_in_chunks(upload, UPLOAD_PART_SIZE + 1)
+
+    assert read_all(storage, KEY) == DATA
+    upload.abort()
+    assert read_all(storage, KEY) == DATA
+
+
+def test_failed_upload_commit_publishes_nothing(backend: Backend) -> None:
+    storage = backend.storage
+    upload = storage.begin_upload(KEY)
+    write_in_chunks(upload, 2 * UPLOAD_PART_SIZE + 5)
+    backend.break_publishing()
+
+    with pytest.raises(OSError, match="injected"):
+        upload.commit()
+
+    assert storage.size(KEY) is None
+    assert pending_uploads(backend) == []
+    upload.abort()
 
 
 def test_spool_dir_is_a_writable_directory(backend: Backend) -> None:
@@ -424,6 +531,29 @@ def test_fs_failed_directory_sync_unpublishes(
 
     assert not os.path.exists(source)
     assert fs_storage.size(KEY) is None
+
+
+def test_fs_upload_is_a_locked_spool_file_readers_can_follow(
+    fs_storage: FilesystemStorage,
+) -> None:
+    upload = fs_storage.begin_upload(KEY)
+    assert upload.local_path is not None
+    assert os.path.dirname(upload.local_path) == fs_storage.spool_dir
+    assert os.path.basename(upload.local_path).startswith(UPLOAD_PREFIX)
+    upload.write(DATA[:5])
+    with open(upload.local_path, "rb") as follower:
+        assert follower.read() == DATA[:5]
+        upload.write(DATA[5:])
+        assert follower.read() == DATA[5:]
+
+        # A starting process and `depproxy-admin cleanup` leave a running upload's file alone.
+        assert remove_abandoned_spool_files(fs_storage.spool_dir) == 0
+        assert _remove_unless_locked(upload.local_path) is False
+        upload.commit()
+
+    assert os.listdir(fs_storage.spool_dir) == []
+    assert read_all(fs_storage, KEY) == DATA
+    assert stat.S_IMODE(os.stat(os.path.join(fs_storage.root, KEY)).st_mode) == 0o640
 
 
 def test_fs_open_returns_a_seekable_file(fs_storage: FilesystemStorage) -> None:
@@ -546,6 +676,49 @@ def test_s3_failed_multipart_upload_is_aborted(
     assert pending.get("Uploads", []) == []
 
 
+def test_s3_upload_sends_parts_as_they_fill_and_keeps_no_file(
+    moto_s3: MotoS3, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
+    sent: list[int] = []
+    storage._client.meta.events.register(
+        "before-parameter-build.s3.UploadPart",
+        lambda params, **_: sent.append(len(params["Body"])),
+    )
+    upload = storage.begin_upload(KEY)
+    assert upload.local_path is None
+
+    data = write_in_chunks(upload, 2 * UPLOAD_PART_SIZE + MIB)
+
+    assert sent == [UPLOAD_PART_SIZE, UPLOAD_PART_SIZE]
+    assert os.listdir(storage.spool_dir) == []
+    upload.commit()
+    assert sent == [UPLOAD_PART_SIZE, UPLOAD_PART_SIZE, MIB]
+    head = moto_s3.client().head_object(Bucket=moto_s3.bucket, Key=f"{s3_prefix}/{KEY}")
+    assert head["ETag"].strip('"').endswith("-3")
+    assert read_all(storage, KEY) == data
+
+
+def test_s3_upload_whose_part_fails_is_aborted(moto_s3: MotoS3, s3_prefix: str) -> None:
+    storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
+
+    def fail_second_part(params: Mapping[str, Any], **_: Any) -> None:
+        if params["PartNumber"] == 2:
+            raise OSError("injected part failure")
+
+    storage._client.meta.events.register("before-parameter-build.s3.UploadPart", fail_second_part)
+    upload = storage.begin_upload(KEY)
+
+    with pytest.raises(OSError, match="injected"):
+        write_in_chunks(upload, 3 * UPLOAD_PART_SIZE)
+
+    assert storage.size(KEY) is None
+    pending = moto_s3.client().list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=s3_prefix)
+    assert pending.get("Uploads", []) == []
+    upload.abort()
+
+
 def test_s3_url_for_without_redirect_is_none(moto_s3: MotoS3, s3_prefix: str) -> None:
     storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
     storage.put_file(KEY, spool(storage, DATA))
@@ -594,6 +767,12 @@ class PluginStorage(FilesystemStorage):
         return cls(settings["plugin.root"])
 
 
+class StorageWithoutUploads(PluginStorage):
+    """A strategy written before `begin_upload` was part of the interface."""
+
+    begin_upload = None  # what a protocol check reads as a method not provided
+
+
 class NotAStorage:
     @classmethod
     def from_settings(cls, settings: Mapping[str, str]) -> NotAStorage:
@@ -605,6 +784,7 @@ def plugin_module(monkeypatch: pytest.MonkeyPatch) -> str:
     module = types.ModuleType("depproxy_test_plugin")
     module.PluginStorage = PluginStorage
     module.NotAStorage = NotAStorage
+    module.StorageWithoutUploads = StorageWithoutUploads
     monkeypatch.setitem(sys.modules, module.__name__, module)
     return module.__name__
 
@@ -655,6 +835,18 @@ def test_dotted_name(plugin_module: str, tmp_path: Path, separator: str) -> None
 def test_unusable_storage_name(plugin_module: str, name: str) -> None:
     with pytest.raises(ConfigurationError, match="depproxy.storage'") as caught:
         storage_from_settings({"depproxy.storage": name})
+
+    assert caught.value.key == "depproxy.storage"
+
+
+def test_a_strategy_without_uploads_is_refused(plugin_module: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="did not return a Storage") as caught:
+        storage_from_settings(
+            {
+                "depproxy.storage": f"{plugin_module}:StorageWithoutUploads",
+                "plugin.root": str(tmp_path),
+            }
+        )
 
     assert caught.value.key == "depproxy.storage"
 

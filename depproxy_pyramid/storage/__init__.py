@@ -21,6 +21,8 @@ __all__ = [
     "ConfigurationError",
     "Storage",
     "StoredObject",
+    "UPLOAD_PREFIX",
+    "Upload",
     "storage_from_settings",
 ]
 
@@ -31,6 +33,11 @@ _ALIASES = {
 # Spelled out rather than \w or [^/]: those would admit Unicode letters and digits. A segment may
 # not start with a dot, which rules out `.` and `..` and keeps keys off the spool directory.
 _KEY_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+
+UPLOAD_PREFIX = "fill-"
+"""How the temporary file of an upload in `spool_dir` is named. The process writing it holds an
+exclusive `flock` on it until the upload is committed or aborted, so one that nobody holds is
+the leftover of a process that died."""
 
 
 class BlobNotFound(LookupError):
@@ -51,6 +58,32 @@ class StoredObject:
 
 
 @runtime_checkable
+class Upload(Protocol):
+    """Bytes on their way to one key, invisible under it until `commit`.
+
+    Written by one thread; `abort` may follow any other call, including a failed one.
+    """
+
+    local_path: str | None
+    """A local file holding every byte written so far, which others may read while it grows;
+    None when the bytes go straight to a remote store."""
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; on failure the upload is aborted before the error is raised."""
+        ...
+
+    def commit(self) -> None:
+        """Publish the bytes written under the key in one step. Callers commit only bytes they
+        have verified. On failure the upload is aborted before the error is raised."""
+        ...
+
+    def abort(self) -> None:
+        """Leave nothing of the upload behind: no object, no pending remote upload, no local
+        file. Idempotent, and a no-op after a successful `commit`."""
+        ...
+
+
+@runtime_checkable
 class Storage(Protocol):
     """A flat store of immutable blobs addressed by keys such as `12/blobs/sha256/<hex>`.
 
@@ -58,7 +91,8 @@ class Storage(Protocol):
     """
 
     spool_dir: str
-    """A local directory for the temporary files that callers later hand to `put_file`."""
+    """A local directory for the temporary files that callers later hand to `put_file`, and for
+    the strategy's own upload files (named `UPLOAD_PREFIX...`)."""
 
     location: str
     """Where the blobs are, for messages; two instances with the same location are one store."""
@@ -76,6 +110,11 @@ class Storage(Protocol):
 
     def size(self, key: str) -> int | None:
         """Return the blob's length in bytes, or None when absent."""
+        ...
+
+    def begin_upload(self, key: str) -> Upload:
+        """Start writing a blob that `Upload.commit` publishes under `key`; until then, and
+        after `Upload.abort`, nothing new is visible under `key`."""
         ...
 
     def put_file(self, key: str, path: str) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import io
 import os
 import stat
+import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import BinaryIO, cast
 
 from depproxy_pyramid.storage import (
+    UPLOAD_PREFIX,
     BlobNotFound,
     ConfigurationError,
     StoredObject,
@@ -76,6 +79,9 @@ class FilesystemStorage:
             return None
         return info.st_size if stat.S_ISREG(info.st_mode) else None
 
+    def begin_upload(self, key: str) -> FileUpload:
+        return FileUpload(self, key)
+
     def put_file(self, key: str, path: str) -> None:
         try:
             target = self._path(key)
@@ -138,6 +144,55 @@ def accel_redirect_uri(prefix: str, key: str) -> str:
     cannot climb out of the location.
     """
     return prefix + validate_key(key)
+
+
+class FileUpload:
+    """A blob spooled to a locked file in the spool directory, renamed into place on commit."""
+
+    def __init__(self, storage: FilesystemStorage, key: str) -> None:
+        self._storage = storage
+        self._key = validate_key(key)
+        fd, self.local_path = tempfile.mkstemp(dir=storage.spool_dir, prefix=UPLOAD_PREFIX)
+        try:
+            # Held until commit or abort: a spool file nobody holds is a dead process's leftover
+            # (`depproxy-admin cleanup` and a starting process remove those).
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._file: io.BufferedWriter | None = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            _remove(self.local_path)
+            raise
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise ValueError("the upload is already committed or aborted")
+        try:
+            self._file.write(data)
+            # Readers follow the file through their own descriptors: nothing may wait in our
+            # buffer.
+            self._file.flush()
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        if self._file is None:
+            raise ValueError("the upload is already committed or aborted")
+        file, self._file = self._file, None
+        try:
+            file.flush()
+            # Renamed while still locked: closing first would let a cleanup take the file.
+            self._storage.put_file(self._key, self.local_path)
+        finally:
+            # put_file removed the file if it failed.
+            file.close()
+
+    def abort(self) -> None:
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        _remove(self.local_path)
+        file.close()
 
 
 class _RangeReader(io.RawIOBase):

@@ -41,6 +41,9 @@ _TRANSFER = TransferConfig(
     max_concurrency=4,
     preferred_transfer_client="classic",
 )
+# An upload holds at most one part in memory. S3 takes parts of 5 MiB and more (the last one
+# excepted) and at most 10,000 of them: 8 MiB parts carry blobs up to 78 GiB.
+UPLOAD_PART_SIZE = 8 * _MIB
 # Each open blob holds a pooled connection until the reader closes it, so allow well beyond the
 # default 10 for a threaded server streaming several blobs while uploading others.
 _MAX_CONNECTIONS = 50
@@ -124,6 +127,9 @@ class S3Storage:
             raise
         return int(response["ContentLength"])
 
+    def begin_upload(self, key: str) -> MultipartUpload:
+        return MultipartUpload(self._client, self._bucket, self._object_key(key))
+
     def put_file(self, key: str, path: str) -> None:
         try:
             self._client.upload_file(path, self._bucket, self._object_key(key), Config=_TRANSFER)
@@ -183,6 +189,91 @@ class S3Storage:
         # botocore's StreamingBody: read(n) pulls at most n bytes off the socket, and close()
         # releases the connection.
         return cast(BinaryIO, response["Body"])
+
+
+class MultipartUpload:
+    """A blob sent in parts of `UPLOAD_PART_SIZE` as it is written, with no local file.
+
+    The multipart upload is created when the first part is full; a blob smaller than a part
+    goes up in one PUT at commit. S3 shows nothing under the key until the upload completes.
+    """
+
+    local_path = None
+
+    def __init__(self, client: BaseClient, bucket: str, object_key: str) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._object_key = object_key
+        self._part = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._open = True
+
+    def write(self, data: bytes) -> None:
+        if not self._open:
+            raise ValueError("the upload is already committed or aborted")
+        try:
+            view = memoryview(data)
+            while view:
+                room = UPLOAD_PART_SIZE - len(self._part)
+                self._part += view[:room]
+                view = view[room:]
+                if len(self._part) == UPLOAD_PART_SIZE:
+                    self._send_part()
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        if not self._open:
+            raise ValueError("the upload is already committed or aborted")
+        try:
+            if self._upload_id is None:
+                self._client.put_object(Bucket=self._bucket, Key=self._object_key, Body=self._part)
+            else:
+                if self._part:
+                    self._send_part()
+                self._client.complete_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=self._object_key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        self._upload_id = None
+        self._part = bytearray()
+
+    def abort(self) -> None:
+        self._open = False
+        self._part = bytearray()
+        if self._upload_id is not None:
+            # Until aborted, S3 keeps (and bills) the parts sent so far. Cleared only once
+            # aborted, so that a failed abort can be tried again.
+            self._client.abort_multipart_upload(
+                Bucket=self._bucket, Key=self._object_key, UploadId=self._upload_id
+            )
+            self._upload_id = None
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            created = self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=self._object_key
+            )
+            self._upload_id = created["UploadId"]
+        number = len(self._parts) + 1
+        sent = self._client.upload_part(
+            Bucket=self._bucket,
+            Key=self._object_key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=self._part,
+        )
+        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+        # A new buffer rather than cleared: botocore may still hold the sent one for a retry.
+        self._part = bytearray()
 
 
 def _text(settings: Mapping[str, str], name: str) -> str:
