@@ -12,6 +12,7 @@ import pytest
 
 from depproxy_pyramid.services.fills import Fill, FillStream
 from depproxy_pyramid.services.proxy import upstream_error
+from depproxy_pyramid.storage.filesystem import FilesystemStorage
 from depproxy_pyramid.upstream import (
     UpstreamAuthFailed,
     UpstreamBadDigest,
@@ -414,7 +415,8 @@ def test_churning_slots_leaves_none_held():
 
 @pytest.fixture
 def fill(tmp_path) -> Fill:
-    return Fill("sha256:" + "0" * 64, str(tmp_path))
+    digest = "sha256:" + "0" * 64
+    return Fill(digest, FilesystemStorage(str(tmp_path)), "1/blobs/sha256/" + "0" * 64)
 
 
 def test_closing_a_fill_stream_releases_its_slot_once(gate, fill):

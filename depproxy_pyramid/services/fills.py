@@ -1,15 +1,18 @@
 """Single-flight blob fills: one upstream transfer per (group, digest), shared by every client.
 
-A fill runs on its own thread, writes the upstream body to a spool file while hashing it, and
-is committed (storage, then the metadata row) only when length and digest match. Clients never
-read the upstream response themselves: they read the spool file as it grows, so one that
-disconnects cancels nothing, and late arrivals never go upstream. Until the digest is verified
-every reader holds back the final byte, so no client can ever receive a complete wrong blob; a
-failed fill makes every reader raise, which cuts its connection short.
+A fill runs on its own thread and writes the upstream body into a storage upload while hashing
+it; the upload is committed, then the metadata row recorded, only when length and digest match,
+and aborted otherwise. Clients never read the upstream response themselves, so one that
+disconnects cancels nothing, and late arrivals never go upstream: they read the upload's local
+file as it grows (filesystem storage), or, when it has none (S3), follow the fill through a
+window of its most recent bytes in memory, and continue from storage once the fill is committed
+if they fall behind that window. Until the digest is verified every reader holds back the final
+byte, so no client can ever receive a complete wrong blob; a failed fill makes every reader
+raise, which cuts its connection short.
 
 Upstream decides how much it sends, so a fill is bounded: a blob declared or running larger than
-`FillLimits.max_size` is refused or cut, and all fills in flight together take no more than
-`FillLimits.disk_share` of the spool's free disk (`SpoolBudget`).
+`FillLimits.max_size` is refused or cut, and all fills in flight with a local file together take
+no more than `FillLimits.disk_share` of the spool's free disk (`SpoolBudget`).
 """
 
 from __future__ import annotations
@@ -19,20 +22,23 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 
 from ..errors import RegistryError
+from ..storage import UPLOAD_PREFIX, Storage
 from ..upstream import BlobResponse, UpstreamError
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
-SPOOL_PREFIX = "fill-"
+# What a fill without a local file keeps of its latest bytes for its readers: a reader that falls
+# further behind continues from storage once the fill is committed.
+WINDOW_SIZE = 16 * CHUNK_SIZE
 SPOOL_FULL_RETRY_AFTER = 60  # seconds; about what a few large fills take to finish
 
 
@@ -40,7 +46,7 @@ def remove_abandoned_spool_files(spool_dir: str) -> int:
     """Delete spool files of fills whose process died (no lock held); return how many."""
     removed = 0
     for entry in os.scandir(spool_dir):
-        if not entry.name.startswith(SPOOL_PREFIX):
+        if not entry.name.startswith(UPLOAD_PREFIX):
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY)
@@ -143,34 +149,46 @@ class SpoolBudget:
 
 
 class Fill:
-    """One blob transfer from upstream into the spool, and the readers following it."""
+    """One blob transfer from upstream into storage, and the readers following it."""
 
     def __init__(
         self,
         digest: str,
-        spool_dir: str,
+        storage: Storage,
+        storage_key: str,
         limits: FillLimits | None = None,
         budget: SpoolBudget | None = None,
     ) -> None:
         self.digest = digest
+        self.storage_key = storage_key
         self.size: int | None = None
         self.content_type = "application/octet-stream"
         self.upstream_status: int | None = None
         self.error: Exception | None = None
         self.limits = limits or FillLimits()
-        self._budget = budget or SpoolBudget(spool_dir)
+        self._storage = storage
+        self._budget = budget or SpoolBudget(storage.spool_dir)
         self._written = 0
         self._started = False
         self._verified = False
+        self._stored = False
+        self._finished = False
         self._cond = threading.Condition()
-        fd, self.spool_path = tempfile.mkstemp(dir=spool_dir, prefix=SPOOL_PREFIX)
-        # Held for the fill's lifetime: a spool file nobody holds is a dead process's leftover.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._out = os.fdopen(fd, "wb")
-        # Readers share one descriptor through pread; it outlives the rename at commit time and
-        # is closed when the last reference to this fill (a reader's, say) is gone.
-        self._read_fd = os.open(self.spool_path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self._read_fd)
+        # The latest chunks and their offsets, kept when the upload has no local file to read.
+        self._window: deque[tuple[int, bytes]] = deque()
+        self._window_bytes = 0
+        self._upload = storage.begin_upload(storage_key)
+        self._read_fd: int | None = None
+        if self._upload.local_path is not None:
+            try:
+                # Readers share one descriptor through pread; it outlives the rename at commit
+                # time and is closed when the last reference to this fill (a reader's, say) is
+                # gone.
+                self._read_fd = os.open(self._upload.local_path, os.O_RDONLY)
+            except BaseException:
+                self._upload.abort()
+                raise
+            weakref.finalize(self, os.close, self._read_fd)
 
     def run(
         self,
@@ -181,6 +199,8 @@ class Fill:
         algorithm, _, expected = self.digest.partition(":")
         hasher = hashlib.new(algorithm)
         max_size = self.limits.max_size
+        # Only an upload through a local file takes spool disk.
+        on_disk = self._read_fd is not None
         claimed = 0
         try:
             with open_upstream() as response:
@@ -188,8 +208,9 @@ class Fill:
                 if response.size is not None:
                     if max_size is not None and response.size > max_size:
                         raise BlobTooLarge.over(max_size)
-                    self._budget.claim(self, response.size, self.limits.disk_share)
-                    claimed = response.size
+                    if on_disk:
+                        self._budget.claim(self, response.size, self.limits.disk_share)
+                        claimed = response.size
                 with self._cond:
                     self.size = response.size
                     self.upstream_status = response.status
@@ -204,18 +225,16 @@ class Fill:
                         raise FillError(f"upstream sent more than the {self.size} bytes announced")
                     if max_size is not None and total > max_size:
                         raise BlobTooLarge.over(max_size)
-                    if total > claimed:
+                    if on_disk and total > claimed:
                         self._budget.claim(self, total, self.limits.disk_share)
                         claimed = total
-                    self._out.write(chunk)
-                    self._out.flush()
+                    self._upload.write(chunk)
                     hasher.update(chunk)
                     with self._cond:
-                        self._written += len(chunk)
+                        if not on_disk:
+                            self._remember(chunk)
+                        self._written = total
                         self._cond.notify_all()
-            # Left open until the commit is done: closing it would drop the lock that tells
-            # `remove_abandoned_spool_files` (and `depproxy-admin cleanup`) the file is in use.
-            self._out.flush()
             if self.size is not None and self._written != self.size:
                 raise FillError(
                     f"upstream closed the blob after {self._written} of {self.size} bytes"
@@ -226,6 +245,10 @@ class Fill:
                 self.size = self._written
                 self._verified = True
                 self._cond.notify_all()
+            self._upload.commit()
+            with self._cond:
+                self._stored = True
+                self._cond.notify_all()
             commit(self)
         except (UpstreamError, FillError, OSError) as error:
             self._fail(error)
@@ -233,16 +256,29 @@ class Fill:
             log.exception("blob fill for %s failed unexpectedly", self.digest)
             self._fail(error)
         finally:
-            self._out.close()
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _remember(self, chunk: bytes) -> None:
+        """Add the chunk that lands at `self._written` to the window, dropping the oldest
+        beyond its size (never the latest). Call with the lock held."""
+        self._window.append((self._written, chunk))
+        self._window_bytes += len(chunk)
+        while self._window_bytes > WINDOW_SIZE and len(self._window) > 1:
+            _, dropped = self._window.popleft()
+            self._window_bytes -= len(dropped)
 
     @property
     def written(self) -> int:
         return self._written
 
     def _fail(self, error: Exception) -> None:
-        # Gone before any reader hears of the failure: nothing of it outlives the response.
-        with suppress(FileNotFoundError):
-            os.unlink(self.spool_path)
+        try:
+            # Gone before any reader hears of the failure: nothing of it outlives the response.
+            self._upload.abort()
+        except Exception:
+            log.exception("the upload of blob %s could not be aborted", self.digest)
         if not self._verified:
             detail = getattr(error, "detail", "")
             log.warning(
@@ -253,7 +289,8 @@ class Fill:
                 f" ({detail})" if detail else "",
             )
         with self._cond:
-            # A commit failure after verification leaves readers with correct bytes to finish.
+            # A commit failure after verification leaves readers with correct bytes to finish,
+            # except those of an upload without a local file that fell behind its window.
             if not self._verified:
                 self.error = error
             self._started = True
@@ -287,30 +324,89 @@ class Fill:
 
     def read(self, start: int = 0, end: int | None = None) -> Generator[bytes, None, None]:
         """Bytes `start..end-1` (to the end of the blob when `end` is None), as they land."""
-        position = start
+        if self._read_fd is not None:
+            return self._read_file(self._read_fd, start, end)
+        return self._read_memory(start, end)
+
+    def _readable_end(self, position: int) -> int:
+        """Wait until there are bytes at `position` that a reader may have, and return where
+        they end; at the end of the verified blob, return at once. Call with the lock held."""
+        while True:
+            if self.error is not None:
+                raise self._reader_error()
+            if self._verified:
+                return self._written
+            total = self.size if self.size is not None else self._written
+            available = min(self._written, total - 1)
+            if available > position:
+                return available
+            self._cond.wait()
+
+    def _read_file(
+        self, read_fd: int, position: int, end: int | None
+    ) -> Generator[bytes, None, None]:
         while end is None or position < end:
             with self._cond:
-                while True:
-                    if self.error is not None:
-                        raise self._reader_error()
-                    if self._verified:
-                        available = self._written
-                    else:
-                        total = self.size if self.size is not None else self._written
-                        available = min(self._written, total - 1)
-                    if available > position:
-                        break
-                    if self._verified:
-                        return
-                    self._cond.wait()
+                available = self._readable_end(position)
+            if available <= position:
+                return
             count = min(CHUNK_SIZE, available - position)
             if end is not None:
                 count = min(count, end - position)
-            data = os.pread(self._read_fd, count, position)
+            data = os.pread(read_fd, count, position)
             if not data:
                 raise FillError("spool file ended early")
             position += len(data)
             yield data
+
+    def _read_memory(self, position: int, end: int | None) -> Generator[bytes, None, None]:
+        while end is None or position < end:
+            with self._cond:
+                available = self._readable_end(position)
+                if available <= position:
+                    return
+                stop = available if end is None else min(available, end)
+                data = self._from_window(position, stop)
+            if data is None:
+                # The fill never waits for a reader; this one has to catch up from storage.
+                yield from self._read_stored(position, end)
+                return
+            position += len(data)
+            yield data
+
+    def _from_window(self, position: int, stop: int) -> bytes | None:
+        """Bytes from `position` to at most `stop` out of one chunk of the window, or None when
+        `position` has left it. Call with the lock held."""
+        # Most readers keep up with the fill: their chunk is among the latest.
+        for offset, chunk in reversed(self._window):
+            if offset <= position:
+                return chunk[position - offset : stop - offset]
+        return None
+
+    def _read_stored(self, position: int, end: int | None) -> Generator[bytes, None, None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stored or self._finished)
+            if self.error is not None:
+                raise self._reader_error()
+            if not self._stored:
+                raise FillError("the blob could not be stored; the details are in the server log")
+            assert self.size is not None
+            stop = self.size if end is None else end
+        try:
+            with self._storage.open_range(self.storage_key, position, stop - 1) as stored:
+                while position < stop:
+                    data = stored.read(min(CHUNK_SIZE, stop - position))
+                    if not data:
+                        raise FillError("storage ended the blob early")
+                    position += len(data)
+                    yield data
+        except FillError:
+            raise
+        except Exception as error:
+            log.warning("reading blob %s back from storage failed: %s", self.digest, error)
+            raise FillError(
+                "reading the blob from storage failed; the details are in the server log"
+            ) from error
 
 
 class FillStream:
@@ -369,15 +465,23 @@ class FillStream:
 class BlobFills:
     """The fills in flight in this process, keyed by (group id, digest)."""
 
-    def __init__(self, spool_dir: str, commit: Callable[[int, Fill], None]) -> None:
-        self._spool_dir = spool_dir
+    def __init__(
+        self,
+        storage: Storage,
+        storage_key: Callable[[int, str], str],
+        commit: Callable[[int, Fill], None],
+    ) -> None:
+        """`storage_key(group_id, digest)` is where a fill uploads the blob; `commit` records
+        it once the upload is committed."""
+        self._storage = storage
+        self._storage_key = storage_key
         self._commit = commit
-        removed = remove_abandoned_spool_files(spool_dir)
+        removed = remove_abandoned_spool_files(storage.spool_dir)
         if removed:
             log.info("removed %d spool files left by interrupted fills", removed)
         self._fills: dict[tuple[int, str], Fill] = {}
         self._lock = threading.Lock()
-        self.budget = SpoolBudget(spool_dir)
+        self.budget = SpoolBudget(storage.spool_dir)
 
     def join_or_start(
         self,
@@ -400,7 +504,9 @@ class BlobFills:
             # window between a caller's cache miss and a fill that finished meanwhile.
             if is_cached():
                 return None
-            fill = Fill(digest, self._spool_dir, limits, self.budget)
+            fill = Fill(
+                digest, self._storage, self._storage_key(group_id, digest), limits, self.budget
+            )
             self._fills[key] = fill
         threading.Thread(
             target=self._run,

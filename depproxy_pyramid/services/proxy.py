@@ -337,7 +337,11 @@ class ProxyService:
         self.upstreams = upstreams
         self.session_factory = session_factory
         self.metrics = metrics
-        self.fills = BlobFills(storage.spool_dir, self._commit_blob)
+        self.fills = BlobFills(
+            storage,
+            lambda group_id, digest: storage_key(group_id, "blobs", digest),
+            self._commit_blob,
+        )
         self.gate = UpstreamGate(
             settings.upstream_max_in_flight,
             upstreams.registries,
@@ -899,8 +903,6 @@ class ProxyService:
         return fill
 
     def _commit_blob(self, group_id: int, fill: Fill) -> None:
-        key = storage_key(group_id, "blobs", fill.digest)
-        self.storage.put_file(key, fill.spool_path)
         assert fill.size is not None
         self._record(
             CachedBlob,
@@ -908,7 +910,7 @@ class ProxyService:
             {
                 "size": fill.size,
                 "content_type": fill.content_type,
-                "storage_key": key,
+                "storage_key": fill.storage_key,
                 "status": CacheStatus.DEFAULT,
                 "read_at": datetime.now(UTC),
             },
