@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 
 import pytest
 
@@ -81,3 +83,63 @@ def test_corrupt_upstream_leaves_nothing_in_the_bucket(s3_proxy, upstream, moto_
         if key.startswith(f"{s3_proxy.s3_prefix}/{group_id}/blobs/")
     ]
     assert s3_proxy.cached_blobs(group) == 0
+
+
+def test_a_large_layer_streams_into_s3_past_a_slow_client_and_no_spool_file(
+    upstream, moto_s3, tmp_path, monkeypatch
+):
+    # The S3 strategy spools under the temporary directory: this proxy's own, to be watched.
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    prefix = f"cache-large-{tmp_path.name}"
+    proxy = start_proxy(
+        tmp_path, f"sqlite:///{tmp_path / 'proxy.sqlite'}", upstream.url,
+        **moto_s3.settings(prefix=prefix),
+    )
+    try:
+        group = proxy.new_group("s3large")
+        (layer,) = upstream.images["big/image:1.0"].source.layers
+        upstream.relay.reset_counts()
+        spool_dir = tmp_path / "tmp" / "depproxy-spool"
+        seen_in_spool: set[str] = set()
+        done = threading.Event()
+
+        def watch_spool() -> None:
+            while not done.is_set():
+                if spool_dir.is_dir():
+                    seen_in_spool.update(path.name for path in spool_dir.iterdir())
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch_spool)
+        watcher.start()
+        try:
+            slow = proxy.get(group, "big/image", "blobs", layer.digest, stream=True)
+            fast = proxy.get(group, "big/image", "blobs", layer.digest, stream=True)
+            slow_hash = hashlib.sha256(slow.raw.read(1024 * 1024))
+            fast_hash = hashlib.sha256()
+            for chunk in fast.iter_content(1024 * 1024):
+                fast_hash.update(chunk)
+            # By now the slow client is far behind the fill's window in memory.
+            wait_for(lambda: proxy.cached_blobs(group) == 1, timeout=60)
+            for chunk in slow.iter_content(1024 * 1024):
+                slow_hash.update(chunk)
+        finally:
+            done.set()
+            watcher.join()
+
+        assert fast.status_code == slow.status_code == 200
+        assert fast_hash.hexdigest() == slow_hash.hexdigest() == layer.digest.split(":")[1]
+        # One transfer (its first request, without a token, is answered with a challenge).
+        fetched = [r for r in upstream.relay.requests if r.digest == layer.digest and r.authorized]
+        assert len(fetched) == 1
+        assert spool_dir.is_dir()
+        assert seen_in_spool == set()
+        object_key = f"{prefix}/{proxy.group_id(group)}/blobs/sha256/{layer.digest.split(':')[1]}"
+        client = moto_s3.client()
+        head = client.head_object(Bucket=moto_s3.bucket, Key=object_key)
+        assert head["ContentLength"] == layer.size
+        assert client.list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=prefix).get(
+            "Uploads", []
+        ) == []
+    finally:
+        proxy.server.stop()
