@@ -719,6 +719,38 @@ def test_s3_upload_whose_part_fails_is_aborted(moto_s3: MotoS3, s3_prefix: str) 
     upload.abort()
 
 
+def test_s3_upload_whose_abort_fails_too_reports_the_first_failure_and_aborts_later(
+    moto_s3: MotoS3, s3_prefix: str
+) -> None:
+    storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
+    aborts: list[str] = []
+
+    def fail_second_part(params: Mapping[str, Any], **_: Any) -> None:
+        if params["PartNumber"] == 2:
+            raise OSError("injected part failure")
+
+    def fail_first_abort(**_: Any) -> None:
+        aborts.append("tried")
+        if len(aborts) == 1:
+            raise OSError("injected abort failure")
+
+    storage._client.meta.events.register("before-parameter-build.s3.UploadPart", fail_second_part)
+    storage._client.meta.events.register("before-call.s3.AbortMultipartUpload", fail_first_abort)
+    upload = storage.begin_upload(KEY)
+
+    with pytest.raises(OSError, match="injected part failure"):
+        write_in_chunks(upload, 3 * UPLOAD_PART_SIZE)
+    client = moto_s3.client()
+    assert client.list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=s3_prefix).get("Uploads")
+
+    upload.abort()
+
+    assert aborts == ["tried", "tried"]
+    pending = client.list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=s3_prefix)
+    assert pending.get("Uploads", []) == []
+    assert storage.size(KEY) is None
+
+
 def test_s3_url_for_without_redirect_is_none(moto_s3: MotoS3, s3_prefix: str) -> None:
     storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
     storage.put_file(KEY, spool(storage, DATA))

@@ -57,16 +57,17 @@ class StoredObject:
     """When it was last written (timezone-aware), by the store's clock."""
 
 
-@runtime_checkable
 class Upload(Protocol):
     """Bytes on their way to one key, invisible under it until `commit`.
 
     Written by one thread; `abort` may follow any other call, including a failed one.
     """
 
-    local_path: str | None
-    """A local file holding every byte written so far, which others may read while it grows;
-    None when the bytes go straight to a remote store."""
+    @property
+    def local_path(self) -> str | None:
+        """A local file holding every byte written so far, which others may read while it
+        grows; None when the bytes go straight to a remote store."""
+        ...
 
     def write(self, data: bytes) -> None:
         """Append `data`; on failure the upload is aborted before the error is raised."""

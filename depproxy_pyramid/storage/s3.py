@@ -221,7 +221,7 @@ class MultipartUpload:
                 if len(self._part) == UPLOAD_PART_SIZE:
                     self._send_part()
         except BaseException:
-            self.abort()
+            self._abort_after_failure()
             raise
 
     def commit(self) -> None:
@@ -240,7 +240,7 @@ class MultipartUpload:
                     MultipartUpload={"Parts": self._parts},
                 )
         except BaseException:
-            self.abort()
+            self._abort_after_failure()
             raise
         self._open = False
         self._upload_id = None
@@ -256,6 +256,12 @@ class MultipartUpload:
                 Bucket=self._bucket, Key=self._object_key, UploadId=self._upload_id
             )
             self._upload_id = None
+
+    def _abort_after_failure(self) -> None:
+        # The caller is told of the first failure; should the abort fail too, the upload id is
+        # kept and the caller's own abort() tries again.
+        with contextlib.suppress(Exception):
+            self.abort()
 
     def _send_part(self) -> None:
         if self._upload_id is None:
