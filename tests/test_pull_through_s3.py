@@ -40,12 +40,11 @@ def test_pull_through_s3(s3_proxy, upstream, moto_s3, tmp_path):
     group = s3_proxy.new_group("s3")
     image = "multiarch/app:1.0"
     skopeo_pull(s3_proxy.ref(group, image), tmp_path / "first", creds=PULLER, all=True)
-    group_id = s3_proxy.group_id(group)
     objects = stored_objects(moto_s3, s3_proxy.s3_prefix)
     blobs = {
         key: body
         for key, body in objects.items()
-        if key.startswith(f"{s3_proxy.s3_prefix}/{group_id}/blobs/sha256/")
+        if key.startswith(f"{s3_proxy.s3_prefix}/blobs/sha256/")
     }
     assert set(upstream.relay.blob_fetches()) == {
         "sha256:" + key.rsplit("/", 1)[1] for key in blobs
@@ -74,10 +73,9 @@ def test_corrupt_upstream_leaves_nothing_in_the_bucket(s3_proxy, upstream, moto_
         s3_proxy.ref(group, "library/alpine:latest"), tmp_path / "bad", creds=PULLER, check=False
     )
     assert failed.returncode != 0
-    group_id = s3_proxy.group_id(group)
     assert not [
         key
         for key in stored_objects(moto_s3, s3_proxy.s3_prefix)
-        if key.startswith(f"{s3_proxy.s3_prefix}/{group_id}/blobs/")
+        if key.startswith(f"{s3_proxy.s3_prefix}/blobs/")
     ]
     assert s3_proxy.cached_blobs(group) == 0
