@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..models import Lease
@@ -36,6 +36,7 @@ RENEW_SECONDS = LEASE_SECONDS / 4
 # layer takes tens of milliseconds; then slower, a large layer takes minutes.
 FIRST_POLL_SECONDS = 0.05
 LAST_POLL_SECONDS = 0.5
+_INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 class HeldLease:
@@ -67,10 +68,16 @@ class Leases:
         owner = f"{self._process}:{secrets.token_hex(4)}"
         now = datetime.now(UTC)
         expires_at = now + timedelta(seconds=LEASE_SECONDS)
-        try:
-            with self._session_factory() as session, session.begin():
-                session.add(Lease(key=key, owner=owner, expires_at=expires_at))
-        except IntegrityError:
+        with self._session_factory() as session, session.begin():
+            insert = _INSERTS[session.get_bind().dialect.name]
+            # Not a plain INSERT: PostgreSQL would log each lost race as an error.
+            inserted = session.scalar(
+                insert(Lease)
+                .values(key=key, owner=owner, expires_at=expires_at)
+                .on_conflict_do_nothing(index_elements=[Lease.key])
+                .returning(Lease.key)
+            )
+        if inserted is None:
             # Held, or left by a dead owner: take it over only if it has expired, in one
             # conditional update so that of several processes trying, one wins.
             with self._session_factory() as session, session.begin():
