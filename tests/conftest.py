@@ -181,4 +181,5 @@ def proxy(request, upstream_registry, tmp_path_factory):
 def group(proxy, request):
     """A group of this test's own, so it starts with an empty cache."""
     label = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    proxy.empty_cache()
     return proxy.new_group(f"g{next(_groups)}-{label}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from depproxy_pyramid.credentials import (
     DEPLOY_TOKEN_PREFIX,
@@ -20,6 +21,7 @@ from depproxy_pyramid.credentials import (
 from depproxy_pyramid.models import (
     CachedBlob,
     CachedManifest,
+    CachedTag,
     DeployToken,
     Group,
     Membership,
@@ -124,8 +126,26 @@ class Proxy:
             )
 
     def stored_blob_files(self, group: str) -> list[Path]:
-        blobs = self.storage / str(self.group_id(group)) / "blobs"
-        return sorted(path for path in blobs.rglob("*") if path.is_file())
+        """The files holding the group's cached blobs (shared with any other group that has
+        pulled the same ones)."""
+        manager, session = self.db.session()
+        with manager:
+            keys = session.scalars(
+                select(CachedBlob.storage_key)
+                .join(Group, Group.id == CachedBlob.group_id)
+                .where(Group.path == group)
+            ).all()
+        return sorted(self.storage / key for key in keys if (self.storage / key).is_file())
+
+    def empty_cache(self) -> None:
+        """Forget every group's cached blobs and manifests, rows and stored objects: objects are
+        shared by digest, so a test that needs a cold pull must not find another test's."""
+        manager, session = self.db.session()
+        with manager:
+            for model in (CachedTag, CachedManifest, CachedBlob):
+                session.execute(delete(model))
+        for kind in ("blobs", "manifests"):
+            shutil.rmtree(self.storage / kind, ignore_errors=True)
 
     def spool_files(self) -> list[Path]:
         return sorted((self.storage / ".tmp").glob("*"))

@@ -96,7 +96,7 @@ def test_a_manifest_by_digest_is_served_from_memory_byte_for_byte(proxy, upstrea
     assert first.content == expected.content
 
     # With the stored file gone, only the copy in memory can answer.
-    stored = proxy.storage / str(proxy.group_id(group)) / "manifests" / "sha256" / digest[7:]
+    stored = proxy.storage / "manifests" / "sha256" / digest[7:]
     stored.unlink()
     fetches = upstream.relay.count(method="GET", kind="manifest")
     for _ in range(3):

@@ -78,7 +78,7 @@ def cached(
     data = data if data is not None else os.urandom(64)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     kind = "manifests" if model is CachedManifest else "blobs"
-    key = storage_key(group_id, kind, digest)
+    key = storage_key(kind, digest)
     put(storage, key, data)
     values = {
         "group_id": group_id,
@@ -298,7 +298,7 @@ def test_ttl_expiry_destroys_only_what_was_not_read_within_it(database, storage)
 def test_orphans_go_only_past_the_grace_period(database, storage):
     group_id, _ = new_group(database)
     _, referenced = cached(database, storage, CachedBlob, group_id)
-    orphan = storage_key(group_id + 100_000, "blobs", "sha256:" + "ab" * 32)
+    orphan = storage_key("blobs", "sha256:" + "ab" * 32)
     put(storage, orphan, b"left by a removed group")
     foreign = "notes/readme"
     put(storage, foreign, b"not the cache's")

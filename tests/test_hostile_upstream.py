@@ -343,6 +343,7 @@ def proxy(hostile, tmp_path_factory) -> Iterator[Proxy]:
 
 @pytest.fixture
 def group(proxy) -> str:
+    proxy.empty_cache()
     return proxy.new_group(f"hostile-{next(_groups)}")
 
 

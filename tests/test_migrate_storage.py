@@ -228,7 +228,7 @@ def cached(
     """A row for `data`, with `stored` (when given) put under its key; the key."""
     digest = f"{algorithm}:" + hashlib.new(algorithm, data).hexdigest()
     kind = "manifests" if model is CachedManifest else "blobs"
-    key = storage_key(group_id, kind, digest)
+    key = storage_key(kind, digest)
     if stored is not None:
         put(storage, key, stored)
     values = {
@@ -483,7 +483,7 @@ def test_corrupt_source_objects_are_named_and_fail_the_run(source_ini, tmp_path)
         "0 already there, 1 not copied"
     ]
     assert [item.key for item in filesystem_storage(tmp_path / "destination").objects()] == [
-        storage_key(group_id, "blobs", "sha256:" + hashlib.sha256(b"good").hexdigest())
+        storage_key("blobs", "sha256:" + hashlib.sha256(b"good").hexdigest())
     ]
     database.engine.dispose()
 

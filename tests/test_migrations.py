@@ -17,7 +17,7 @@ from depproxy_pyramid.models import Base, Group, get_engine
 from depproxy_pyramid.upstream import MANIFEST_ACCEPT
 from tests.conftest import Database
 
-HEAD = "0006"
+HEAD = "0007"
 TABLES = {
     "depproxy_groups",
     "depproxy_users",
@@ -32,6 +32,7 @@ TABLES = {
     "depproxy_tags",
     "depproxy_listings",
     "depproxy_audit_events",
+    "depproxy_leases",
 }
 
 

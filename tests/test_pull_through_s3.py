@@ -42,12 +42,11 @@ def test_pull_through_s3(s3_proxy, upstream, moto_s3, tmp_path):
     group = s3_proxy.new_group("s3")
     image = "multiarch/app:1.0"
     skopeo_pull(s3_proxy.ref(group, image), tmp_path / "first", creds=PULLER, all=True)
-    group_id = s3_proxy.group_id(group)
     objects = stored_objects(moto_s3, s3_proxy.s3_prefix)
     blobs = {
         key: body
         for key, body in objects.items()
-        if key.startswith(f"{s3_proxy.s3_prefix}/{group_id}/blobs/sha256/")
+        if key.startswith(f"{s3_proxy.s3_prefix}/blobs/sha256/")
     }
     assert set(upstream.relay.blob_fetches()) == {
         "sha256:" + key.rsplit("/", 1)[1] for key in blobs
@@ -76,11 +75,10 @@ def test_corrupt_upstream_leaves_nothing_in_the_bucket(s3_proxy, upstream, moto_
         s3_proxy.ref(group, "library/alpine:latest"), tmp_path / "bad", creds=PULLER, check=False
     )
     assert failed.returncode != 0
-    group_id = s3_proxy.group_id(group)
     assert not [
         key
         for key in stored_objects(moto_s3, s3_proxy.s3_prefix)
-        if key.startswith(f"{s3_proxy.s3_prefix}/{group_id}/blobs/")
+        if key.startswith(f"{s3_proxy.s3_prefix}/blobs/")
     ]
     assert s3_proxy.cached_blobs(group) == 0
 
@@ -134,7 +132,7 @@ def test_a_large_layer_streams_into_s3_past_a_slow_client_and_no_spool_file(
         assert len(fetched) == 1
         assert spool_dir.is_dir()
         assert seen_in_spool == set()
-        object_key = f"{prefix}/{proxy.group_id(group)}/blobs/sha256/{layer.digest.split(':')[1]}"
+        object_key = f"{prefix}/blobs/sha256/{layer.digest.split(':')[1]}"
         client = moto_s3.client()
         head = client.head_object(Bucket=moto_s3.bucket, Key=object_key)
         assert head["ContentLength"] == layer.size

@@ -30,6 +30,7 @@ from .cache import (
     CachedManifest,
     CachedTag,
     CacheStatus,
+    Lease,
     ListingKind,
 )
 from .meta import Base
@@ -45,6 +46,7 @@ __all__ = [
     "DeployToken",
     "Group",
     "ImageTtlPolicy",
+    "Lease",
     "ListingKind",
     "Membership",
     "PersonalAccessToken",

@@ -34,10 +34,17 @@ def _status_column() -> Mapped[CacheStatus]:
 
 
 class CachedBlob(Base):
+    """That a group pulled a blob through its own upstream access, and where its bytes are.
+
+    Objects are stored once by digest (`services.proxy.storage_key`), whichever groups pulled
+    them: a group serves a blob only through a row of its own.
+    """
+
     __tablename__ = "depproxy_blobs"
     __table_args__ = (
         UniqueConstraint("group_id", "digest"),
         Index("ix_depproxy_blobs_group_status_read", "group_id", "status", "read_at"),
+        Index("ix_depproxy_blobs_storage_key", "storage_key"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -59,6 +66,7 @@ class CachedManifest(Base):
     __table_args__ = (
         UniqueConstraint("group_id", "image", "digest"),
         Index("ix_depproxy_manifests_group_status_read", "group_id", "status", "read_at"),
+        Index("ix_depproxy_manifests_storage_key", "storage_key"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -129,3 +137,14 @@ class CachedListing(Base):
     query: Mapped[str] = mapped_column(String(300))
     content: Mapped[str] = mapped_column(Text)
     fetched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Lease(Base):
+    """Which process fetches `key` from upstream for the whole fleet, and until when it is
+    taken to be alive (`services.leases`)."""
+
+    __tablename__ = "depproxy_leases"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(300))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

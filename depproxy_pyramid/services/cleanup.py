@@ -43,8 +43,9 @@ ORPHAN_GRACE = timedelta(hours=1)
 SPOOL_GRACE = timedelta(hours=1)
 # Rows per transaction, and keys per query: SQLite binds a few thousand parameters at least.
 BATCH = 500
-# The keys `services.proxy.storage_key` makes; nothing else in the store is ours to delete.
-CACHE_KEY = re.compile(r"[0-9]+/(blobs|manifests)/[a-z0-9]+/[a-f0-9]+")
+# The keys `services.proxy.storage_key` makes, and the per-group ones it made before objects
+# were shared; nothing else in the store is ours to delete.
+CACHE_KEY = re.compile(r"([0-9]+/)?(blobs|manifests)/[a-z0-9]+/[a-f0-9]+")
 
 CacheModel = type[CachedBlob] | type[CachedManifest]
 MODELS: tuple[CacheModel, ...] = (CachedManifest, CachedBlob)

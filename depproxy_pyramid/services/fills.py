@@ -490,27 +490,32 @@ class BlobFills:
         is_cached: Callable[[], bool],
         open_upstream: Callable[[], AbstractContextManager[BlobResponse]],
         limits: FillLimits | None = None,
+        on_end: Callable[[], None] = lambda: None,
     ) -> Fill | None:
         """The fill in flight for the blob, a new one, or None when it has been cached since.
 
-        `limits` bound a new fill; one already in flight keeps its own.
+        `limits` bound a new fill; one already in flight keeps its own. `on_end` is called when
+        the fill this call started has ended (committed or failed), or at once if it started
+        none.
         """
         key = (group_id, digest)
         with self._lock:
             fill = self._fills.get(key)
-            if fill is not None:
-                return fill
             # A fill records its row before it leaves this table, so this check closes the
             # window between a caller's cache miss and a fill that finished meanwhile.
-            if is_cached():
-                return None
-            fill = Fill(
-                digest, self._storage, self._storage_key(group_id, digest), limits, self.budget
-            )
-            self._fills[key] = fill
+            if fill is None and not is_cached():
+                fill = self._fills[key] = Fill(
+                    digest, self._storage, self._storage_key(group_id, digest), limits, self.budget
+                )
+                started = True
+            else:
+                started = False
+        if not started:
+            on_end()
+            return fill
         threading.Thread(
             target=self._run,
-            args=(key, fill, open_upstream),
+            args=(key, fill, open_upstream, on_end),
             name=f"fill-{digest[7:19]}",
             daemon=True,
         ).start()
@@ -521,6 +526,7 @@ class BlobFills:
         key: tuple[int, str],
         fill: Fill,
         open_upstream: Callable[[], AbstractContextManager[BlobResponse]],
+        on_end: Callable[[], None],
     ) -> None:
         try:
             fill.run(open_upstream, lambda done: self._commit(key[0], done))
@@ -528,6 +534,12 @@ class BlobFills:
             self.budget.release(fill)
             with self._lock:
                 del self._fills[key]
+            on_end()
+
+    def running(self, group_id: int, digest: str) -> Fill | None:
+        """The fill in flight in this process for the group's blob, if any."""
+        with self._lock:
+            return self._fills.get((group_id, digest))
 
     def in_flight(self) -> int:
         with self._lock:

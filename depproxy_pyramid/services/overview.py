@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, literal, select, union_all
+from sqlalchemy import case, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from ..models import AuditEvent, CachedBlob, CachedManifest, CacheStatus, Group, ProxySettings
@@ -123,10 +123,26 @@ def instance_overview(session: Session, *, largest: int = 10, events: int = 50) 
             .limit(largest)
         )
     ]
+    # Per stored object, not per row: groups that pulled the same blob share one object, which
+    # is in use while any of their rows serves it.
+    objects = union_all(
+        *(
+            select(model.storage_key, model.size, model.status)
+            for model in (CachedManifest, CachedBlob)
+        )
+    ).subquery()
+    per_object = (
+        select(
+            func.max(objects.c.size).label("size"),
+            func.max(case((objects.c.status == CacheStatus.DEFAULT, 1), else_=0)).label("serving"),
+        )
+        .group_by(objects.c.storage_key)
+        .subquery()
+    )
     in_use, pending = session.execute(
         select(
-            func.coalesce(func.sum(rows.c.size).filter(serving), 0),
-            func.coalesce(func.sum(rows.c.size).filter(~serving), 0),
+            func.coalesce(func.sum(per_object.c.size).filter(per_object.c.serving == 1), 0),
+            func.coalesce(func.sum(per_object.c.size).filter(per_object.c.serving == 0), 0),
         )
     ).one()
     recent = session.scalars(

@@ -76,6 +76,7 @@ from ..upstream.client import UpstreamClient
 from ..upstream.gate import CircuitBreaker, Slot, UpstreamBusy, UpstreamGate, UpstreamHeldBack
 from ..upstream.listing import referrer_descriptors
 from .fills import BlobFills, BlobTooLarge, Fill, FillError, FillLimits, FillStream
+from .leases import HeldLease, Leases
 from .listing import (
     Listing,
     TagQuery,
@@ -221,6 +222,13 @@ def _manifest_label(image: str, reference: str, accept: ManifestAccept) -> str:
     return label if accept == ALL_MANIFESTS else f"{label} (as {accept.header})"
 
 
+def manifest_lease_key(group_id: int, image: str, reference: str, accept: ManifestAccept) -> str:
+    """The lease on fetching a group's manifest: hashed, since an image name and an Accept
+    header together may be longer than the key column."""
+    name = json.dumps([group_id, image, reference, accept.header])
+    return f"manifest:{hashlib.sha256(name.encode()).hexdigest()}"
+
+
 def image_size(manifest: Manifest) -> int | None:
     """The bytes pulling an image moves (its manifest, config and layers); None for an index,
     or for sizes that are not plain non-negative integers (upstream's word, not verified)."""
@@ -237,9 +245,11 @@ def image_size(manifest: Manifest) -> int | None:
     return manifest.size + sum(sizes)
 
 
-def storage_key(group_id: int, kind: str, digest: str) -> str:
+def storage_key(kind: str, digest: str) -> str:
+    """Where an object's bytes are stored: by digest alone, so that every group that pulls it
+    shares one copy (each through a row of its own)."""
     algorithm, _, hexdigest = digest.partition(":")
-    return f"{group_id}/{kind}/{algorithm}/{hexdigest}"
+    return f"{kind}/{algorithm}/{hexdigest}"
 
 
 def upstream_error(error: UpstreamError, unknown_code: str, what: str) -> RegistryError:
@@ -338,10 +348,9 @@ class ProxyService:
         self.session_factory = session_factory
         self.metrics = metrics
         self.fills = BlobFills(
-            storage,
-            lambda group_id, digest: storage_key(group_id, "blobs", digest),
-            self._commit_blob,
+            storage, lambda group_id, digest: storage_key("blobs", digest), self._commit_blob
         )
+        self.leases = Leases(session_factory)
         self.gate = UpstreamGate(
             settings.upstream_max_in_flight,
             upstreams.registries,
@@ -472,11 +481,21 @@ class ProxyService:
             ),
             self._manifest_fetch_lock((group.group_id, image, reference, accept.header)),
         ):
-            found = self._lookup_manifest(group.group_id, image, reference, accept)
-            if found is not None:
-                _, kept = found
-                return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
-            return self._fetch_manifest(group, image, reference, accept, result=Result.MISS)
+            lease_key = manifest_lease_key(group.group_id, image, reference, accept)
+            while True:
+                found = self._lookup_manifest(group.group_id, image, reference, accept)
+                if found is not None:
+                    _, kept = found
+                    return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
+                lease = self.leases.try_acquire(lease_key)
+                if lease is not None:
+                    break
+                # Another process is fetching it: what it stores is this request's answer.
+                self.leases.wait_until_free(lease_key, lambda: False)
+            try:
+                return self._fetch_manifest(group, image, reference, accept, result=Result.MISS)
+            finally:
+                lease.release()
 
     def _slot(self, registry: str, kind: str, what: str, unknown_code: str) -> Slot:
         """A slot of the upstream budget, or the registry error telling the client to retry."""
@@ -695,7 +714,7 @@ class ProxyService:
         accept: ManifestAccept,
         manifest: Manifest,
     ) -> None:
-        key = storage_key(group_id, "manifests", manifest.digest)
+        key = storage_key("manifests", manifest.digest)
         fd, path = tempfile.mkstemp(dir=self.storage.spool_dir, prefix="manifest-")
         with os.fdopen(fd, "wb") as spool:
             spool.write(manifest.content)
@@ -867,9 +886,32 @@ class ProxyService:
         except UpstreamHeldBack as error:
             self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
             raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
-        slot = self._slot(self.upstreams.registry_of(client), "blob", digest, "BLOB_UNKNOWN")
+        lease_key = f"blob:{digest}"
+        fill: Fill | None = None
+        lease: HeldLease | None = None
+        while fill is None and lease is None:
+            fill = self.fills.running(group.group_id, digest)
+            if fill is None:
+                if self._cached_or_linked(group, image, digest):
+                    return None
+                lease = self.leases.try_acquire(lease_key)
+                if lease is None:
+                    # Another process (or another group here) is fetching it: when it is done
+                    # the object is stored, and this group's row is one upstream HEAD away.
+                    self.leases.wait_until_free(
+                        lease_key, lambda: self.fills.running(group.group_id, digest) is not None
+                    )
         try:
-            fill = self._started_fill(group, digest, open_upstream)
+            slot = self._slot(self.upstreams.registry_of(client), "blob", digest, "BLOB_UNKNOWN")
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        try:
+            if lease is not None:
+                fill = self._start_fill(group, digest, open_upstream, lease)
+            if fill is not None:
+                self._wait_started(fill, digest)
         except BaseException:
             slot.release()
             raise
@@ -878,16 +920,54 @@ class ProxyService:
             return None
         return FillStream(fill, slot.release)
 
-    def _started_fill(self, group: GroupUpstream, digest: str, open_upstream) -> Fill | None:
-        fill = self.fills.join_or_start(
+    def _cached_or_linked(self, group: GroupUpstream, image: str, digest: str) -> bool:
+        """Whether the group has the blob now, its row found or made for an object another
+        group stored.
+
+        Bytes are shared, access is not: the group's own upstream must confirm (HEAD, nothing
+        transferred) that this group may pull the blob before it gets a row.
+        """
+        if self.cached_blob(group.group_id, digest) is not None:
+            return True
+        key = storage_key("blobs", digest)
+        with self._transaction() as session:
+            stored = session.execute(
+                select(CachedBlob.size, CachedBlob.content_type)
+                .where(CachedBlob.storage_key == key, CachedBlob.status == CacheStatus.DEFAULT)
+                .limit(1)
+            ).first()
+        if stored is None or self.storage.size(key) != stored.size:
+            return False
+        self.head_blob_upstream(group, image, digest)
+        self._record(
+            CachedBlob,
+            {"group_id": group.group_id, "digest": digest},
+            {
+                "size": stored.size,
+                "content_type": stored.content_type,
+                "storage_key": key,
+                "status": CacheStatus.DEFAULT,
+                "read_at": datetime.now(UTC),
+            },
+        )
+        return True
+
+    def _start_fill(
+        self, group: GroupUpstream, digest: str, open_upstream, lease: HeldLease
+    ) -> Fill | None:
+        """A fill started under `lease`, which it releases when it ends; or the one already
+        running, or None when the blob has been cached since."""
+        return self.fills.join_or_start(
             group.group_id,
             digest,
             lambda: self.cached_blob(group.group_id, digest) is not None,
             open_upstream,
             FillLimits(self.settings.blob_max_size, self.settings.spool_max_disk_share),
+            on_end=lease.release,
         )
-        if fill is None:
-            return None
+
+    def _wait_started(self, fill: Fill, digest: str) -> None:
+        """Return once upstream answered the fill; raise its failure as a registry error."""
         try:
             fill.wait_started()
         except UpstreamError as error:
@@ -900,7 +980,6 @@ class ProxyService:
             raise RegistryError(
                 502, "UNKNOWN", "fetching the blob failed; the details are in the server log"
             ) from error
-        return fill
 
     def _commit_blob(self, group_id: int, fill: Fill) -> None:
         assert fill.size is not None
