@@ -121,6 +121,35 @@ def test_readers_get_the_verified_blob_and_it_is_committed_once(fills, committed
 
 
 @responses.activate
+def test_the_last_byte_waits_until_the_blob_is_recorded(storage):
+    responses.get(blob_url(), body=BODY, auto_calculate_content_length=True)
+    recording, recorded = threading.Event(), threading.Event()
+
+    def commit(group_id: int, fill) -> None:
+        recording.set()
+        assert recorded.wait(5)
+
+    fill = start(BlobFills(storage, blob_key, commit))
+    received = bytearray()
+
+    def follow() -> None:
+        for chunk in fill.read():
+            received.extend(chunk)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    assert recording.wait(5)
+    wait_for(lambda: len(received) == len(BODY) - 1)
+    reader.join(0.2)
+
+    assert reader.is_alive()
+    assert len(received) == len(BODY) - 1
+    recorded.set()
+    reader.join(5)
+    assert bytes(received) == BODY
+
+
+@responses.activate
 def test_unknown_length_is_verified_before_the_last_byte(fills, committed):
     responses.get(blob_url(), body=BODY)  # no Content-Length: size unknown until the end
     fill = start(fills)

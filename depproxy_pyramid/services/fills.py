@@ -330,11 +330,13 @@ class Fill:
 
     def _readable_end(self, position: int) -> int:
         """Wait until there are bytes at `position` that a reader may have, and return where
-        they end; at the end of the verified blob, return at once. Call with the lock held."""
+        they end; at the end of the blob, return at once. Call with the lock held."""
         while True:
             if self.error is not None:
                 raise self._reader_error()
-            if self._verified:
+            # The last byte waits for the commit as well as the digest: a client that has the
+            # whole blob finds it cached (should the commit fail, its bytes are still right).
+            if self._verified and self._finished:
                 return self._written
             total = self.size if self.size is not None else self._written
             available = min(self._written, total - 1)
