@@ -120,11 +120,13 @@ def start_fleet(
     s3: MotoS3 | None,
     size: int = 3,
     s3_settings: Mapping[str, str] | None = None,
+    extra_settings: Mapping[str, str] | None = None,
 ) -> Fleet:
     """`size` server processes and nginx in front, on a new (migrated) database.
 
     With `s3`, the processes share a bucket of their own made here (`s3_settings` adds
-    `depproxy.storage.s3.*` keys); without, they share one storage directory.
+    `depproxy.storage.s3.*` keys); without, they share one storage directory, which nginx's
+    internal location serves. `extra_settings` go into every process's ini file as they are.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     migrate(database_url)
@@ -149,6 +151,7 @@ def start_fleet(
         bucket = f"fleet-{secrets.token_hex(6)}"
         s3.client().create_bucket(Bucket=bucket)
         settings.update(s3.settings(bucket=bucket, **(s3_settings or {})))
+    settings.update(extra_settings or {})
     members: list[Proxy] = []
     front: Nginx | None = None
     try:
