@@ -179,7 +179,7 @@ def measure(
             cold = harness.concurrent_pulls(
                 reference, dest, args.clients, creds=PULLER, cert_dir=cert_dir
             )
-        gets = relay.blob_fetches()
+        gets = relay.blob_downloads()
         measured = Measured(cold, relay.body_bytes_sent, max(gets.values()))
         log(
             f"  {cold:.2f}s, upstream sent {measured.upstream_bytes / image_bytes(image):.2f}x "

@@ -92,8 +92,16 @@ def assert_serves(member: Proxy, group: str, image: SeededImage) -> None:
         assert f"sha256:{hashlib.sha256(blob.content).hexdigest()}" == digest, member.url
 
 
-def manifest_gets(upstream: Upstream) -> list[str]:
-    return [r.path for r in upstream.relay.requests if r.kind == "manifest" and r.method == "GET"]
+# Downloads are GETs with credentials: a process's first GET of a repository goes without a
+# token, is answered with the registry's challenge and downloads nothing. HEADs download
+# nothing either, and token requests go to the token server, not through this relay.
+def manifest_downloads(upstream: Upstream) -> list[str]:
+    """The paths of the manifest GETs upstream answered with the manifest, in order."""
+    return [
+        r.path
+        for r in upstream.relay.requests
+        if r.kind == "manifest" and r.method == "GET" and r.authorized
+    ]
 
 
 def test_concurrent_cold_pulls_over_three_processes_fetch_everything_from_upstream_once(
@@ -108,20 +116,20 @@ def test_concurrent_cold_pulls_over_three_processes_fetch_everything_from_upstre
     assert [r.stderr for r in results if r.returncode != 0] == []
     # nginx spread the pulls: every process answered some of their requests.
     assert [len(fleet.access_lines(m)) > 0 for m in fleet.members] == [True] * len(fleet.members)
-    # GETs only: a blob HEAD downloads nothing, and token requests go to the token server.
-    assert upstream.relay.blob_fetches() == Counter(dict.fromkeys(image.source.blob_digests, 1))
+    assert upstream.relay.blob_downloads() == Counter(dict.fromkeys(image.source.blob_digests, 1))
     # Every skopeo asks for the tag. The first ask fetches the manifest with a GET by tag; the
     # others find the tag cached and at most revalidate it with a HEAD, which is not counted.
     # A GET by digest would fetch the same bytes a second time, so any manifest GET counts.
-    assert manifest_gets(upstream) == [f"/v2/{image.repo}/manifests/{image.tag}"]
+    assert manifest_downloads(upstream) == [f"/v2/{image.repo}/manifests/{image.tag}"]
     assert_pulled_intact(dests, image)
     assert_bucket_holds_the_image(fleet, image)
 
     upstream.relay.reset_counts()
     for member in fleet.members:
         assert_serves(member, group, image)
+    # Not even a GET answered with a challenge.
     assert upstream.relay.count(method="GET", kind="blob") == 0
-    assert manifest_gets(upstream) == []
+    assert upstream.relay.count(method="GET", kind="manifest") == 0
 
 
 def test_a_fill_whose_owner_is_killed_is_taken_over_and_the_pulls_complete(
@@ -141,7 +149,7 @@ def test_a_fill_whose_owner_is_killed_is_taken_over_and_the_pulls_complete(
         owner = fleet.wait_for_lease(f"blob:{big.digest}", LEASE_TIMEOUT)
         victim = fleet.member_with_pid(int(owner.split(":")[1]))
         # Killed mid-fill: its upstream GET has begun, and at the throttle takes 12 s.
-        wait_for(lambda: upstream.relay.blob_fetches()[big.digest] == 1)
+        wait_for(lambda: upstream.relay.blob_downloads()[big.digest] == 1)
         os.kill(victim.server.process.pid, signal.SIGKILL)
         victim.server.process.wait(timeout=10)
         # The takeover need not wait on the throttle: only the killed fill had to be slow.
@@ -150,13 +158,13 @@ def test_a_fill_whose_owner_is_killed_is_taken_over_and_the_pulls_complete(
 
     assert [r.stderr for r in results if r.returncode != 0] == []
     assert_pulled_intact(dests, image)
-    fetches = upstream.relay.blob_fetches()
+    fetches = upstream.relay.blob_downloads()
     assert set(fetches) == image.source.blob_digests
     # The killed fill, and the takeover's; any other blob the victim was filling likewise.
     assert fetches[big.digest] <= 2
     assert max(fetches.values()) <= 2
     # The manifest was answered before any blob was asked for, so before the kill.
-    assert manifest_gets(upstream) == [f"/v2/{image.repo}/manifests/{image.tag}"]
+    assert manifest_downloads(upstream) == [f"/v2/{image.repo}/manifests/{image.tag}"]
     assert_bucket_holds_the_image(fleet, image)
 
     upstream.relay.reset_counts()

@@ -230,6 +230,13 @@ class Relay:
         """How often each blob digest was requested with ``method``."""
         return Counter(r.digest for r in self.requests if r.method == method and r.digest)
 
+    def blob_downloads(self) -> Counter[str]:
+        """How often each blob's bytes were asked for: GETs with credentials. A proxy's first
+        GET of a repository goes without a token and is answered with a challenge."""
+        return Counter(
+            r.digest for r in self.requests if r.method == "GET" and r.digest and r.authorized
+        )
+
     def _fault_for(self, kind: str) -> Fault:
         """The fault that applies to a request of ``kind`` under the current mode."""
         with self._lock:
