@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -16,10 +19,11 @@ from depproxy_pyramid.credentials import hash_password
 from depproxy_pyramid.metrics import Metrics
 from depproxy_pyramid.models import User
 from depproxy_pyramid.upstream.gate import FAILURES_TO_OPEN
-from tests.conftest import Database, app_settings, migrate
+from tests.conftest import JWT_SECRET, ROOT, Database, app_settings, migrate
 from tests.proxy import PULLER, Proxy
-from tests.server import ServerProcess, free_port, wait_for, write_ini
+from tests.server import BIN, ServerProcess, free_port, wait_for, write_ini
 from tests.support.relay import Fault
+from tests.support_s3 import MotoS3
 
 IMAGE = "library/alpine"
 REQUESTS = "depproxy_requests_total"
@@ -169,3 +173,69 @@ def test_a_process_killed_outright_leaves_the_live_gauges_when_the_next_one_star
     assert not list(metrics_dir.glob(f"gauge_live*_{killed.pid}.db"))
     assert list(metrics_dir.glob(f"counter_{killed.pid}.db"))
 
+
+def production_ini(tmp_path: Path, database_url: str, s3: MotoS3) -> Path:
+    """The shipped production.ini with only what a test machine must change: the database, the
+    S3 endpoint and bucket, the secret."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.optionxform = str  # setting names are case-sensitive
+    config.read(ROOT / "production.ini")
+    app = config["app:main"]
+    app["sqlalchemy.url"] = database_url
+    app["depproxy.storage.s3.bucket"] = s3.bucket
+    app["depproxy.storage.s3.endpoint_url"] = s3.endpoint_url
+    app["depproxy.jwt.secret"] = JWT_SECRET
+    ini = tmp_path / "production.ini"
+    with ini.open("w") as file:
+        config.write(file)
+    return ini
+
+
+def test_the_shipped_production_ini_runs_several_processes_on_one_database_and_bucket(
+    tmp_path, postgres_database, moto_s3
+):
+    ini = production_ini(tmp_path, postgres_database(), moto_s3)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    environment = {
+        # boto3's own chain, as on a server: the ini names no credentials.
+        "AWS_ACCESS_KEY_ID": moto_s3.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": moto_s3.secret_access_key,
+        "AWS_DEFAULT_REGION": moto_s3.region,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    migrated = subprocess.run(
+        [str(BIN / "depproxy-admin"), str(ini), "initdb"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **environment},
+    )  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+
+    # The port has no default: pserve alone stops at once, naming it.
+    portless = subprocess.run(
+        [str(BIN / "pserve"), str(ini)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **environment},
+    )  # fmt: skip
+    assert portless.returncode != 0
+    assert "'http_port'" in portless.stderr
+
+    servers = []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            command = [str(BIN / "pserve"), str(ini), f"http_port={port}"]
+            server = ServerProcess(ini, port, tmp_path / f"{name}.log", command, environment)
+            servers.append(server)
+            server.start()
+        for server in servers:
+            assert requests.get(f"{server.url}/-/health", timeout=10).status_code == 200
+            assert requests.get(f"{server.url}/v2/", timeout=10).status_code == 401
+            metrics = requests.get(f"{server.url}/-/metrics", timeout=10).text
+            assert 'depproxy_upstream_circuit_state{registry="registry-1.docker.io"} 0.0' in (
+                metrics
+            )
+        assert {path.name for path in metrics_dir.glob("gauge_livesum_*.db")} == {
+            f"gauge_livesum_{server.process.pid}.db" for server in servers
+        }
+    finally:
+        for server in servers:
+            server.stop()
