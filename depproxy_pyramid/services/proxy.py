@@ -353,8 +353,8 @@ class ProxyService:
             settings.upstream_max_in_flight,
             upstreams.registries,
             on_change=lambda registry, state: metrics.upstream_circuit.labels(registry).set(state),
+            on_in_flight_change=metrics.upstream_in_flight.inc,
         )
-        metrics.upstream_in_flight.set_function(lambda: self.gate.in_flight)
         # Each revalidation holds a slot of the budget: no more can be running than slots.
         self._revalidations = ThreadPoolExecutor(
             settings.upstream_max_in_flight, thread_name_prefix="revalidate"
