@@ -214,7 +214,7 @@ class Bench:
                 ACCEL_SETTING: ACCEL_PREFIX,
             },
         )
-        front = Nginx(self.workdir / "front", proxy.server.port, proxy.storage, https_port)
+        front = Nginx(self.workdir / "front", [proxy.server.port], proxy.storage, https_port)
         self.stack.callback(front.stop)
         with step(f"starting nginx with {CONFIG.relative_to(ROOT)}"):
             front.start()

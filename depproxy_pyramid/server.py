@@ -32,6 +32,8 @@ from contextlib import suppress
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
+from .metrics import forget_this_process
+
 TLS_HANDSHAKE_RECORD = 0x16
 TLS_PROBE_ANSWER = (
     b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
@@ -180,4 +182,9 @@ def serve(app, global_conf: dict, **settings: str) -> None:
                     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKNOWLEDGED_TIMEOUT_MS),
                 ]
     server.print_listen("Serving on http://{}:{}")
-    server.run()
+    try:
+        server.run()
+    finally:
+        # With metrics shared between a node's processes, those of a stopped one must not
+        # show requests in flight (or a breaker state) forever.
+        forget_this_process()

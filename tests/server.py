@@ -115,10 +115,16 @@ class ServerProcess:
     with SIGTERM, then SIGKILL."""
 
     def __init__(
-        self, ini: Path | None, port: int, log_path: Path, command: list[str] | None = None
+        self,
+        ini: Path | None,
+        port: int,
+        log_path: Path,
+        command: list[str] | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.ini = ini
         self.command = command or [str(BIN / "pserve"), str(ini)]
+        self.environment = environment or {}
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -134,7 +140,12 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # The repository root on the path: test hosts live in the `tests` package.
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(ROOT),
+                **self.environment,
+            },
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ In-process mocks would bypass the HTTP layer that streaming, ranges and presigne
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -60,7 +61,13 @@ class MotoS3:
 
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with running_moto_s3(tmp_path_factory.mktemp("moto") / "server.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_moto_s3(log_path: Path) -> Iterator[MotoS3]:
+    """moto's server on a free port with the default bucket, stopped on leaving the block."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

@@ -219,8 +219,8 @@ def _read_ats(proxy: Proxy, group: str, digests: list[str]) -> list[datetime]:
         ]
 
 
-def test_read_at_is_written_in_batches_and_at_shutdown(upstream, tmp_path):
-    with running_proxy(tmp_path, f"sqlite:///{tmp_path / 'p.sqlite'}", upstream.url) as proxy:
+def test_read_at_is_written_in_batches_and_at_shutdown(upstream, tmp_path, empty_database_url):
+    with running_proxy(tmp_path, empty_database_url, upstream.url) as proxy:
         group = proxy.new_group("reads")
         skopeo_pull(proxy.ref(group, f"{IMAGE}:{TAG}"), tmp_path / "pulled", creds=PULLER)
         token = proxy.token(group, IMAGE)

@@ -51,7 +51,7 @@ def front(upstream_registry, tmp_path_factory):
             "depproxy.auth.max_failures": str(MAX_FAILURES),
         },
     )
-    nginx = Nginx(workdir / "nginx", proxy.server.port, proxy.storage, https_port=https_port)
+    nginx = Nginx(workdir / "nginx", [proxy.server.port], proxy.storage, https_port=https_port)
     try:
         nginx.start()
         yield proxy, nginx

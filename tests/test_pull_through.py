@@ -385,12 +385,12 @@ def test_fresh_tags_skip_revalidation(upstream, tmp_path):
         assert upstream.relay.count(kind="manifest") == 0
 
 
-def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path):
+def test_concurrent_requests_do_not_exhaust_a_small_pool(upstream, tmp_path, empty_database_url):
     """Each request holds at most one pooled connection at a time, so a pool smaller than the
     server's thread count only queues requests, never deadlocks them."""
     with running_proxy(
         tmp_path,
-        f"sqlite:///{tmp_path / 'pool.sqlite'}",
+        empty_database_url,
         upstream.url,
         **{
             "sqlalchemy.pool_size": "2",

@@ -250,18 +250,15 @@ def recorder() -> Iterator[Recorder]:
         yield server
 
 
-@pytest.fixture
-def database_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'proxy.sqlite'}"
 
 
 def test_group_credentials_go_to_their_registry_and_nowhere_else(
-    upstream, recorder, tmp_path, database_url
+    upstream, recorder, tmp_path, empty_database_url
 ):
     username, password = upstream.private_credentials
     private = f"{upstream.private_prefix}secret"
     registries = {"depproxy.upstream.registries": f"recorder.test={recorder.url}"}
-    with running_proxy(tmp_path, database_url, upstream.url, **registries) as proxy:
+    with running_proxy(tmp_path, empty_database_url, upstream.url, **registries) as proxy:
         group = proxy.new_group("acme")
         assert ok(set_credentials(proxy, group, username, password)) == (
             f"upstream credentials for 127.0.0.1:{upstream.relay.port} set for acme"
@@ -294,7 +291,7 @@ def test_group_credentials_go_to_their_registry_and_nowhere_else(
 
 
 def test_a_token_realm_on_another_host_gets_no_credentials_unless_allowed(
-    upstream, recorder, tmp_path, database_url
+    upstream, recorder, tmp_path, empty_database_url
 ):
     recorder.realm = recorder.other_host_realm  # the same server, as "localhost"
     settings = {
@@ -303,7 +300,7 @@ def test_a_token_realm_on_another_host_gets_no_credentials_unless_allowed(
         ),
         "depproxy.upstream.realms": "allowed.test=localhost",
     }
-    with running_proxy(tmp_path, database_url, upstream.url, **settings) as proxy:
+    with running_proxy(tmp_path, empty_database_url, upstream.url, **settings) as proxy:
         group = proxy.new_group("acme")
         ok(set_credentials(proxy, group, "bot", "bot-password", "recorder.test"))
         ok(set_credentials(proxy, group, "bot", "bot-password", "ALLOWED.test"))
@@ -332,7 +329,7 @@ def test_a_token_realm_on_another_host_gets_no_credentials_unless_allowed(
         ]
 
 
-def test_instance_credentials_serve_only_the_groups_listed(upstream, tmp_path, database_url):
+def test_instance_credentials_serve_only_the_groups_listed(upstream, tmp_path, empty_database_url):
     username, password = upstream.private_credentials
     private = f"{upstream.private_prefix}secret"
     settings = {
@@ -340,7 +337,7 @@ def test_instance_credentials_serve_only_the_groups_listed(upstream, tmp_path, d
         "depproxy.upstream.password": password,
         "depproxy.upstream.credential_groups": "listed",
     }
-    with running_proxy(tmp_path, database_url, upstream.url, **settings) as proxy:
+    with running_proxy(tmp_path, empty_database_url, upstream.url, **settings) as proxy:
         ini = proxy.ini
         for command in (
             ["group", "add", "listed"],
@@ -388,11 +385,11 @@ def test_instance_credentials_serve_only_the_groups_listed(upstream, tmp_path, d
 
 
 def test_instance_credentials_nobody_may_use_are_announced_at_start_up(
-    upstream, tmp_path, database_url
+    upstream, tmp_path, empty_database_url
 ):
     username, password = upstream.private_credentials
     settings = {"depproxy.upstream.username": username, "depproxy.upstream.password": password}
-    with running_proxy(tmp_path, database_url, upstream.url, **settings) as proxy:
+    with running_proxy(tmp_path, empty_database_url, upstream.url, **settings) as proxy:
         log = proxy.server.log()
         assert "WARN" in log
         assert "depproxy.upstream.credential_groups is empty" in log
@@ -402,11 +399,11 @@ def test_instance_credentials_nobody_may_use_are_announced_at_start_up(
 
 
 def test_credentials_survive_a_key_rotation_and_a_missing_key_is_named(
-    upstream, tmp_path, database_url
+    upstream, tmp_path, empty_database_url
 ):
     username, password = upstream.private_credentials
     private = f"{upstream.private_prefix}secret"
-    with running_proxy(tmp_path, database_url, upstream.url) as proxy:
+    with running_proxy(tmp_path, empty_database_url, upstream.url) as proxy:
         # No depproxy.encryption.keys: sealed under depproxy.jwt.secret, as 0.1 did.
         group = proxy.new_group("rotating")
         ok(set_credentials(proxy, group, username, password))

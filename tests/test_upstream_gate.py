@@ -322,6 +322,19 @@ def test_a_slot_is_released_once(gate):
     assert gate.in_flight == 0
 
 
+
+def test_the_changes_reported_add_up_to_the_slots_in_use():
+    changes: list[int] = []
+    gate = UpstreamGate(2, [REGISTRY], on_in_flight_change=changes.append)
+    slot = gate.slot(REGISTRY)
+    with gate.slot(REGISTRY):
+        with pytest.raises(UpstreamBusy):
+            gate.slot(REGISTRY)
+        assert sum(changes) == gate.in_flight == 2
+    slot.release()
+    slot.release()
+    assert changes == [1, 1, -1, -1]
+
 def test_the_budget_is_shared_by_every_registry(gate):
     with gate.call(REGISTRY), gate.call("other.test"), gate.call(REGISTRY), gate.call("other.test"):
         assert gate.in_flight == 4

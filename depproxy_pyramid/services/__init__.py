@@ -48,5 +48,5 @@ def includeme(config: Configurator) -> None:
         storage_from_settings(settings.raw),
         upstreams_from_settings(settings),
         config.registry["depproxy.dbsession_factory"],
-        Metrics(),
+        Metrics.for_app(),
     )

@@ -6,9 +6,10 @@ and aborted otherwise. Clients never read the upstream response themselves, so o
 disconnects cancels nothing, and late arrivals never go upstream: they read the upload's local
 file as it grows (filesystem storage), or, when it has none (S3), follow the fill through a
 window of its most recent bytes in memory, and continue from storage once the fill is committed
-if they fall behind that window. Until the digest is verified every reader holds back the final
-byte, so no client can ever receive a complete wrong blob; a failed fill makes every reader
-raise, which cuts its connection short.
+if they fall behind that window. Until the digest is verified and the blob committed every reader
+holds back the final byte, so no client can ever receive a complete wrong blob, and one that
+has a whole blob finds it cached; a failed fill makes every reader raise, which cuts its
+connection short.
 
 Upstream decides how much it sends, so a fill is bounded: a blob declared or running larger than
 `FillLimits.max_size` is refused or cut, and all fills in flight with a local file together take

@@ -355,8 +355,8 @@ class ProxyService:
             settings.upstream_max_in_flight,
             upstreams.registries,
             on_change=lambda registry, state: metrics.upstream_circuit.labels(registry).set(state),
+            on_in_flight_change=metrics.upstream_in_flight.inc,
         )
-        metrics.upstream_in_flight.set_function(lambda: self.gate.in_flight)
         # Each revalidation holds a slot of the budget: no more can be running than slots.
         self._revalidations = ThreadPoolExecutor(
             settings.upstream_max_in_flight, thread_name_prefix="revalidate"
@@ -372,10 +372,10 @@ class ProxyService:
         self._blob_rows: BoundedCache[tuple[int, str], BlobRecord] = BoundedCache(
             BLOB_ROWS_KEPT, ttl=settings.lookup_cache_seconds
         )
-        self._manifest_locks: weakref.WeakValueDictionary[
-            tuple[int, str, str, str], _KeyLock
-        ] = weakref.WeakValueDictionary()
-        self._manifest_locks_guard = threading.Lock()
+        self._fetch_locks: weakref.WeakValueDictionary[str, _KeyLock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._fetch_locks_guard = threading.Lock()
 
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
@@ -470,8 +470,10 @@ class ProxyService:
                 self.metrics.upstream_errors.labels("manifest", type(error).__name__).inc()
                 return self._stale(image, reference, kept, error)
             return self._revalidate_by_deadline(slot, group, image, reference, accept, kept)
-        # Concurrent misses of one manifest make one upstream GET, which Docker Hub counts. The
-        # ones waiting for it wait on upstream too, so each holds a slot.
+        # Concurrent misses of one manifest, here (the lock) and on other processes (the lease),
+        # make one upstream GET, which Docker Hub counts. The ones waiting for it wait on
+        # upstream too, so each holds a slot.
+        lease_key = manifest_lease_key(group.group_id, image, reference, accept)
         with (
             self._slot(
                 self._registry(image),
@@ -479,9 +481,8 @@ class ProxyService:
                 _manifest_label(image, reference, accept),
                 "MANIFEST_UNKNOWN",
             ),
-            self._manifest_fetch_lock((group.group_id, image, reference, accept.header)),
+            self._fetch_lock(lease_key),
         ):
-            lease_key = manifest_lease_key(group.group_id, image, reference, accept)
             while True:
                 found = self._lookup_manifest(group.group_id, image, reference, accept)
                 if found is not None:
@@ -517,11 +518,13 @@ class ProxyService:
         return self.gate.breaker(self.upstreams.registry_of(client))
 
     @contextmanager
-    def _manifest_fetch_lock(self, key: tuple[int, str, str, str]) -> Iterator[None]:
-        with self._manifest_locks_guard:
-            holder = self._manifest_locks.get(key)
+    def _fetch_lock(self, key: str) -> Iterator[None]:
+        """This process's lock on fetching `key` (a lease key): its requests queue here, so
+        one at a time asks the database for the lease."""
+        with self._fetch_locks_guard:
+            holder = self._fetch_locks.get(key)
             if holder is None:
-                holder = self._manifest_locks[key] = _KeyLock()
+                holder = self._fetch_locks[key] = _KeyLock()
         # This frame keeps `holder` alive, and so its dictionary entry, while it is held.
         with holder.lock:
             yield
@@ -886,30 +889,9 @@ class ProxyService:
         except UpstreamHeldBack as error:
             self.metrics.upstream_errors.labels("blob", type(error).__name__).inc()
             raise upstream_error(error, "BLOB_UNKNOWN", digest) from error
-        lease_key = f"blob:{digest}"
-        fill: Fill | None = None
-        lease: HeldLease | None = None
-        while fill is None and lease is None:
-            fill = self.fills.running(group.group_id, digest)
-            if fill is None:
-                if self._cached_or_linked(group, image, digest):
-                    return None
-                lease = self.leases.try_acquire(lease_key)
-                if lease is None:
-                    # Another process (or another group here) is fetching it: when it is done
-                    # the object is stored, and this group's row is one upstream HEAD away.
-                    self.leases.wait_until_free(
-                        lease_key, lambda: self.fills.running(group.group_id, digest) is not None
-                    )
+        slot = self._slot(self.upstreams.registry_of(client), "blob", digest, "BLOB_UNKNOWN")
         try:
-            slot = self._slot(self.upstreams.registry_of(client), "blob", digest, "BLOB_UNKNOWN")
-        except BaseException:
-            if lease is not None:
-                lease.release()
-            raise
-        try:
-            if lease is not None:
-                fill = self._start_fill(group, digest, open_upstream, lease)
+            fill = self._joined_or_started_fill(group, image, digest, open_upstream)
             if fill is not None:
                 self._wait_started(fill, digest)
         except BaseException:
@@ -919,6 +901,31 @@ class ProxyService:
             slot.release()
             return None
         return FillStream(fill, slot.release)
+
+    def _joined_or_started_fill(
+        self, group: GroupUpstream, image: str, digest: str, open_upstream
+    ) -> Fill | None:
+        """The fill of this process to read the blob from, or None when the group has it now.
+
+        Only one request per process at a time asks for the lease: the others find the fill it
+        started. Those on other processes wait for the lease to end.
+        """
+        lease_key = f"blob:{digest}"
+        while True:
+            with self._fetch_lock(lease_key):
+                fill = self.fills.running(group.group_id, digest)
+                if fill is not None:
+                    return fill
+                if self._cached_or_linked(group, image, digest):
+                    return None
+                lease = self.leases.try_acquire(lease_key)
+                if lease is not None:
+                    return self._start_fill(group, digest, open_upstream, lease)
+            # Another process (or another group here) is fetching it: when it is done the
+            # object is stored, and this group's row is one upstream HEAD away.
+            self.leases.wait_until_free(
+                lease_key, lambda: self.fills.running(group.group_id, digest) is not None
+            )
 
     def _cached_or_linked(self, group: GroupUpstream, image: str, digest: str) -> bool:
         """Whether the group has the blob now, its row found or made for an object another

@@ -247,8 +247,12 @@ class UpstreamGate:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[str, BreakerState], None] | None = None,
+        on_in_flight_change: Callable[[int], None] | None = None,
     ) -> None:
         self.max_in_flight = max_in_flight
+        # Called with 1 when a slot is taken and -1 when it is given back: changes, not the
+        # count, so that gauges of several gates (or processes) add up.
+        self._on_in_flight_change = on_in_flight_change
         self._lock = threading.Lock()
         self._in_flight = 0
         self._breakers = {
@@ -284,12 +288,16 @@ class UpstreamGate:
                 )
             self._in_flight += 1
             self._held[registry] += 1
+        if self._on_in_flight_change is not None:
+            self._on_in_flight_change(1)
         return Slot(self, registry)
 
     def _release(self, registry: str) -> None:
         with self._lock:
             self._in_flight -= 1
             self._held[registry] -= 1
+        if self._on_in_flight_change is not None:
+            self._on_in_flight_change(-1)
 
     @contextmanager
     def call(self, registry: str) -> Iterator[None]:

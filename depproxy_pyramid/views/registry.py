@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pyramid.request import Request
 from pyramid.response import Response
 from pyramid.security import NO_PERMISSION_REQUIRED
@@ -320,7 +320,6 @@ def _fill_response(answer: FilledBlob, record: RequestRecord) -> Response:
 @view_config(route_name="depproxy.metrics", request_method="GET", permission=NO_PERMISSION_REQUIRED)
 def metrics_view(request: Request) -> Response:
     check_metrics_access(request, request.registry["depproxy.settings"])
-    metrics = _service(request).metrics
-    response = Response(body=generate_latest(metrics.registry))
+    response = Response(body=_service(request).metrics.exposition())
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response

@@ -1,7 +1,7 @@
 """A real nginx running the shipped `deploy/nginx/depproxy.conf`, in a private prefix.
 
 The file is rendered for the test by replacing the values an operator edits (the app's
-address, the storage root, certificate and key, listen ports, server name, access log) and
+addresses, the storage root, certificate and key, listen ports, server name, access log) and
 nothing else; a value missing from the file fails the render, so the tests never exercise a
 configuration that silently drifted from the shipped one. nginx runs in the foreground as
 `nginx -p PREFIX -c nginx.conf`, where nginx.conf is what Debian's would be around the file:
@@ -16,6 +16,7 @@ import datetime as dt
 import ipaddress
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
@@ -29,6 +30,8 @@ from tests.server import ROOT, ServerProcess, free_port
 CONFIG = ROOT / "deploy" / "nginx" / "depproxy.conf"
 # The storage location nginx's internal location serves; the app's accel_redirect setting.
 ACCEL_PREFIX = "/_depproxy/storage/"
+# The app's servers as the shipped file lists them, one line per process.
+SHIPPED_APP_SERVERS = "".join(f"    server 127.0.0.1:{port};\n" for port in (6543, 6544, 6545))
 
 
 def render(text: str, substitutions: dict[str, str]) -> str:
@@ -163,10 +166,15 @@ class NginxProcess(ServerProcess):
 
 
 class Nginx(NginxProcess):
-    """nginx with the shipped file, in front of the app at `app_port`, serving `storage`."""
+    """nginx with the shipped file, in front of the app's processes at `app_ports`, serving
+    `storage` (the filesystem storage's root; unused with S3)."""
 
     def __init__(
-        self, prefix: Path, app_port: int, storage: Path, https_port: int | None = None
+        self,
+        prefix: Path,
+        app_ports: Sequence[int],
+        storage: Path,
+        https_port: int | None = None,
     ) -> None:
         prefix.mkdir(parents=True, exist_ok=True)
         self.ca, cert, key = write_certificates(prefix / "tls")
@@ -180,7 +188,9 @@ class Nginx(NginxProcess):
         rendered = render(
             CONFIG.read_text(),
             {
-                "127.0.0.1:6543": f"127.0.0.1:{app_port}",
+                SHIPPED_APP_SERVERS: "".join(
+                    f"    server 127.0.0.1:{port};\n" for port in app_ports
+                ),
                 "/var/lib/depproxy/storage/": f"{storage}/",
                 "/etc/ssl/certs/depproxy.pem": str(cert),
                 "/etc/ssl/private/depproxy.key": str(key),

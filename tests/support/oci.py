@@ -290,6 +290,22 @@ def write_big_image(path: Path, tag: str = "latest", size_mb: int = 200, seed: i
     return _write_manifest(layout, tag, [layer], [layer.digest], f"big-{seed}", "amd64", "linux")
 
 
+def write_layered_image(
+    path: Path, tag: str, layer_sizes_mb: Iterable[int], seed: int = 0
+) -> Image:
+    """Write an image with one uncompressed layer of pseudo-random bytes per size given.
+
+    For tests where several MiB-sized blobs are fetched at once; ``seed`` changes every digest.
+    """
+    layout = Layout(path)
+    layers = [
+        layout.add_blob_stream(_big_tar_chunks(size_mb * MIB, seed * 1000 + i), OCI_LAYER_TAR)
+        for i, size_mb in enumerate(layer_sizes_mb)
+    ]
+    diff_ids = [layer.digest for layer in layers]
+    return _write_manifest(layout, tag, layers, diff_ids, f"layered-{seed}", "amd64", "linux")
+
+
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
 

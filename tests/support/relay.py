@@ -55,11 +55,14 @@ class Fault(StrEnum):
     CORRUPT_BLOBS = "corrupt_blobs"  # first body byte flipped, Content-Length kept
     TRUNCATE_BLOBS = "truncate_blobs"  # full Content-Length, half the body, then close
     STALL_BLOBS = "stall_blobs"  # half the body, then hang until released or timeout
+    THROTTLE_BLOBS = "throttle_blobs"  # the whole body, at throttle_bytes_per_second each
     SLOW = "slow"  # delay before forwarding
     HANG = "hang"  # read the request, never answer; close when released or after stall_seconds
 
 
-BLOB_FAULTS = frozenset({Fault.CORRUPT_BLOBS, Fault.TRUNCATE_BLOBS, Fault.STALL_BLOBS})
+BLOB_FAULTS = frozenset(
+    {Fault.CORRUPT_BLOBS, Fault.TRUNCATE_BLOBS, Fault.STALL_BLOBS, Fault.THROTTLE_BLOBS}
+)
 _STATUS_FAULTS: dict[Fault, tuple[int, str, dict[str, str]]] = {
     Fault.STATUS_503: (503, "UNAVAILABLE", {}),
     Fault.STATUS_429: (429, "TOOMANYREQUESTS", {"Retry-After": "7"}),
@@ -112,15 +115,18 @@ class Relay:
         upstream_host: str = "127.0.0.1",
         stall_seconds: float = 300.0,
         slow_seconds: float = 1.0,
+        throttle_bytes_per_second: int = 1 << 20,
     ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.stall_seconds = stall_seconds
         self.slow_seconds = slow_seconds
+        self.throttle_bytes_per_second = throttle_bytes_per_second
         self._lock = threading.Lock()
         self._mode = Fault.NORMAL
         self._fault_kinds: frozenset[str] | None = None
         self._requests: list[RelayedRequest] = []
+        self._body_bytes_sent = 0
         self._release = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
@@ -191,9 +197,20 @@ class Relay:
         self._release.set()
 
     def reset_counts(self) -> None:
-        """Forget recorded requests."""
+        """Forget recorded requests and the bytes sent."""
         with self._lock:
             self._requests.clear()
+            self._body_bytes_sent = 0
+
+    @property
+    def body_bytes_sent(self) -> int:
+        """Response body bytes relayed to clients since the last reset (headers not counted)."""
+        with self._lock:
+            return self._body_bytes_sent
+
+    def _count_sent(self, size: int) -> None:
+        with self._lock:
+            self._body_bytes_sent += size
 
     @property
     def requests(self) -> list[RelayedRequest]:
@@ -212,6 +229,13 @@ class Relay:
     def blob_fetches(self, method: str = "GET") -> Counter[str]:
         """How often each blob digest was requested with ``method``."""
         return Counter(r.digest for r in self.requests if r.method == method and r.digest)
+
+    def blob_downloads(self) -> Counter[str]:
+        """How often each blob's bytes were asked for: GETs with credentials. A proxy's first
+        GET of a repository goes without a token and is answered with a challenge."""
+        return Counter(
+            r.digest for r in self.requests if r.method == "GET" and r.digest and r.authorized
+        )
 
     def _fault_for(self, kind: str) -> Fault:
         """The fault that applies to a request of ``kind`` under the current mode."""
@@ -340,18 +364,23 @@ class Relay:
                     return
                 while chunk := response.read(CHUNK):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    relay._count_sent(len(chunk))
                 if chunked:
                     self.wfile.write(b"0\r\n\r\n")
 
             def _send_faulty_body(
                 self, response: http.client.HTTPResponse, length: int, fault: Fault
             ) -> None:
+                if fault is Fault.THROTTLE_BLOBS:
+                    self._send_throttled_body(response)
+                    return
                 limit = length if fault is Fault.CORRUPT_BLOBS else length // 2
                 sent = 0
                 while sent < limit and (chunk := response.read(min(CHUNK, limit - sent))):
                     if sent == 0 and fault is Fault.CORRUPT_BLOBS:
                         chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                     self.wfile.write(chunk)
+                    relay._count_sent(len(chunk))
                     sent += len(chunk)
                 if fault is Fault.CORRUPT_BLOBS:
                     return
@@ -360,6 +389,19 @@ class Relay:
                     relay._release.wait(relay.stall_seconds)
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
+
+            def _send_throttled_body(self, response: http.client.HTTPResponse) -> None:
+                # Paced against the start, not per chunk, so the rate holds however long each
+                # write blocks.
+                started = time.monotonic()
+                sent = 0
+                while chunk := response.read(CHUNK):
+                    self.wfile.write(chunk)
+                    relay._count_sent(len(chunk))
+                    sent += len(chunk)
+                    ahead = sent / relay.throttle_bytes_per_second - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
 
             def _send_status_fault(self, status: int, code: str, headers: dict[str, str]) -> None:
                 body = json.dumps(
