@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 DATA = b"0123456789abcdefghij"
 KEY = "12/blobs/sha256/" + "ab" * 32
+OTHER_KEY = "blobs/sha256/" + "cd" * 32
 
 
 @dataclass
@@ -698,6 +699,27 @@ def test_s3_upload_sends_parts_as_they_fill_and_keeps_no_file(
     head = moto_s3.client().head_object(Bucket=moto_s3.bucket, Key=f"{s3_prefix}/{KEY}")
     assert head["ETag"].strip('"').endswith("-3")
     assert read_all(storage, KEY) == data
+
+
+def test_s3_upload_aborts_what_a_dead_fill_left_pending_under_its_key(
+    moto_s3: MotoS3, s3_prefix: str
+) -> None:
+    storage = storage_from_settings(moto_s3.settings(prefix=s3_prefix))
+    client = moto_s3.client()
+    # A fill killed after its first part, and another key's upload still running.
+    dead = storage.begin_upload(KEY)
+    write_in_chunks(dead, UPLOAD_PART_SIZE)
+    other = storage.begin_upload(OTHER_KEY)
+    write_in_chunks(other, UPLOAD_PART_SIZE)
+
+    taken_over = storage.begin_upload(KEY)
+    data = write_in_chunks(taken_over, UPLOAD_PART_SIZE + MIB)
+    taken_over.commit()
+
+    pending = client.list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=s3_prefix)
+    assert [upload["Key"] for upload in pending.get("Uploads", [])] == [f"{s3_prefix}/{OTHER_KEY}"]
+    assert read_all(storage, KEY) == data
+    other.abort()
 
 
 def test_s3_upload_whose_part_fails_is_aborted(moto_s3: MotoS3, s3_prefix: str) -> None:

@@ -263,8 +263,21 @@ class MultipartUpload:
         with contextlib.suppress(Exception):
             self.abort()
 
+    def _abort_abandoned(self) -> None:
+        """Abort the key's other pending uploads: a fill uploads only while it holds the blob's
+        lease (`services.leases`), so any other was left by a fill whose process died or lost
+        the lease, and would otherwise keep its parts until the bucket's lifecycle rule."""
+        pending = self._client.list_multipart_uploads(Bucket=self._bucket, Prefix=self._object_key)
+        for upload in pending.get("Uploads", []):
+            if upload["Key"] == self._object_key:
+                with contextlib.suppress(ClientError):
+                    self._client.abort_multipart_upload(
+                        Bucket=self._bucket, Key=self._object_key, UploadId=upload["UploadId"]
+                    )
+
     def _send_part(self) -> None:
         if self._upload_id is None:
+            self._abort_abandoned()
             created = self._client.create_multipart_upload(
                 Bucket=self._bucket, Key=self._object_key
             )
