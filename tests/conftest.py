@@ -156,16 +156,21 @@ _groups = itertools.count()
 
 
 @pytest.fixture(scope="module", params=["standalone", "embedded"])
-def proxy(request, upstream_registry, tmp_path_factory):
+def proxy(request, upstream_registry, tmp_path_factory, postgres_database):
     """The proxy as a real server process in front of the test upstream, one per module: the
-    standalone app, and the add-on inside a host without a policy that uses pyramid_tm's
-    thread-local transaction manager (the wiring furthest from the standalone app's)."""
+    standalone app on PostgreSQL, as production runs it, and the add-on on SQLite inside a host
+    without a policy that uses pyramid_tm's thread-local transaction manager (the wiring
+    furthest from the standalone app's)."""
     from tests.proxy import start_proxy
 
     workdir = tmp_path_factory.mktemp("proxy")
     proxy = start_proxy(
         workdir,
-        f"sqlite:///{workdir / 'proxy.sqlite'}",
+        (
+            postgres_database()
+            if request.param == "standalone"
+            else f"sqlite:///{workdir / 'proxy.sqlite'}"
+        ),
         upstream_registry.url,
         app_use=(
             "egg:depproxy-pyramid"
@@ -175,6 +180,7 @@ def proxy(request, upstream_registry, tmp_path_factory):
     )
     yield proxy
     proxy.server.stop()
+    proxy.db.engine.dispose()
 
 
 @pytest.fixture

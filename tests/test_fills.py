@@ -40,8 +40,8 @@ def blob_url(digest: str = DIGEST) -> str:
     return f"{UPSTREAM}/v2/library/app/blobs/{digest}"
 
 
-def blob_key(group_id: int, digest: str) -> str:
-    return f"{group_id}/blobs/{digest.replace(':', '/')}"
+def blob_key(digest: str) -> str:
+    return f"blobs/{digest.replace(':', '/')}"
 
 
 class Committed:
@@ -117,7 +117,7 @@ def test_readers_get_the_verified_blob_and_it_is_committed_once(fills, committed
     assert committed.calls == [(1, DIGEST, BODY)]
     assert len(responses.calls) == 1
     assert os.listdir(storage.spool_dir) == []
-    assert [item.key for item in storage.objects()] == [blob_key(1, DIGEST)]
+    assert [item.key for item in storage.objects()] == [blob_key(DIGEST)]
 
 
 @responses.activate
@@ -546,7 +546,7 @@ def test_an_s3_fill_sends_parts_as_they_come_and_writes_no_local_file(
     fill.wait_started()
     wait_for(lambda: fill.written == 3 * UPLOAD_PART_SIZE)
 
-    object_key = f"{s3_storage._prefix}/{blob_key(1, LARGE_DIGEST)}"
+    object_key = f"{s3_storage._prefix}/{blob_key(LARGE_DIGEST)}"
     assert left_in_bucket(moto_s3, s3_storage) == ([], [object_key])
     uploads = moto_s3.client().list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=object_key)
     parts = moto_s3.client().list_parts(
@@ -665,4 +665,4 @@ def test_an_empty_blob_is_stored_on_s3(s3_fills, s3_committed, s3_storage):
     assert b"".join(fill.read()) == b""
     assert s3_committed.event.wait(30)
     assert s3_committed.calls == [(1, digest, b"")]
-    assert s3_storage.size(blob_key(1, digest)) == 0
+    assert s3_storage.size(blob_key(digest)) == 0

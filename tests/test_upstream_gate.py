@@ -429,7 +429,7 @@ def test_churning_slots_leaves_none_held():
 @pytest.fixture
 def fill(tmp_path) -> Fill:
     digest = "sha256:" + "0" * 64
-    return Fill(digest, FilesystemStorage(str(tmp_path)), "1/blobs/sha256/" + "0" * 64)
+    return Fill(digest, FilesystemStorage(str(tmp_path)), "blobs/sha256/" + "0" * 64)
 
 
 def test_closing_a_fill_stream_releases_its_slot_once(gate, fill):

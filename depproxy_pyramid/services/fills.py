@@ -471,11 +471,11 @@ class BlobFills:
     def __init__(
         self,
         storage: Storage,
-        storage_key: Callable[[int, str], str],
+        storage_key: Callable[[str], str],
         commit: Callable[[int, Fill], None],
     ) -> None:
-        """`storage_key(group_id, digest)` is where a fill uploads the blob; `commit` records
-        it once the upload is committed."""
+        """`storage_key(digest)` is where a fill uploads the blob; `commit` records it for the
+        group once the upload is committed."""
         self._storage = storage
         self._storage_key = storage_key
         self._commit = commit
@@ -508,7 +508,7 @@ class BlobFills:
             # window between a caller's cache miss and a fill that finished meanwhile.
             if fill is None and not is_cached():
                 fill = self._fills[key] = Fill(
-                    digest, self._storage, self._storage_key(group_id, digest), limits, self.budget
+                    digest, self._storage, self._storage_key(digest), limits, self.budget
                 )
                 started = True
             else:

@@ -348,7 +348,7 @@ class ProxyService:
         self.session_factory = session_factory
         self.metrics = metrics
         self.fills = BlobFills(
-            storage, lambda group_id, digest: storage_key("blobs", digest), self._commit_blob
+            storage, functools.partial(storage_key, "blobs"), self._commit_blob
         )
         self.leases = Leases(session_factory)
         self.gate = UpstreamGate(

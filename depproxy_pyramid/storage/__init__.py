@@ -86,7 +86,7 @@ class Upload(Protocol):
 
 @runtime_checkable
 class Storage(Protocol):
-    """A flat store of immutable blobs addressed by keys such as `12/blobs/sha256/<hex>`.
+    """A flat store of immutable blobs addressed by keys such as `blobs/sha256/<hex>`.
 
     Every method raises ValueError for a key that `validate_key` rejects.
     """
