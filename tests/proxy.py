@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from depproxy_pyramid.models import (
     Visibility,
 )
 from tests.conftest import Database, app_settings, migrate
-from tests.server import ServerProcess, free_port, write_ini
+from tests.server import ServerProcess, admin, free_port, write_ini
 
 PULLER = ("puller", "puller-password-1")
 PROXY_MARKER = "dependency_proxy/containers"
@@ -137,6 +138,22 @@ class Proxy:
             ).all()
         return sorted(self.storage / key for key in keys if (self.storage / key).is_file())
 
+    def set_upstream_credentials(
+        self, group: str, username: str, password: str, *registry: str
+    ) -> subprocess.CompletedProcess:
+        """`depproxy-admin proxy credentials` for the group, the password on stdin."""
+        registry_args = ["--registry", *registry] if registry else []
+        return admin(
+            self.ini,
+            "proxy",
+            "credentials",
+            group,
+            *registry_args,
+            "--username",
+            username,
+            stdin=password + "\n",
+        )
+
     def empty_cache(self) -> None:
         """Forget every group's cached blobs and manifests, rows and stored objects: objects are
         shared by digest, so a test that needs a cold pull must not find another test's."""
@@ -200,6 +217,16 @@ def running_proxy(
         proxy.server.stop()
 
 
+def database_with_puller(database_url: str) -> Database:
+    """The database migrated, with the puller as a user (a member of no group yet)."""
+    migrate(database_url)
+    db = Database(database_url)
+    manager, session = db.session()
+    with manager:
+        session.add(User(username=PULLER[0], password_hash=hash_password(PULLER[1])))
+    return db
+
+
 def start_proxy(
     workdir: Path,
     database_url: str,
@@ -209,11 +236,7 @@ def start_proxy(
     **extra: str,
 ) -> Proxy:
     workdir.mkdir(parents=True, exist_ok=True)
-    migrate(database_url)
-    db = Database(database_url)
-    manager, session = db.session()
-    with manager:
-        session.add(User(username=PULLER[0], password_hash=hash_password(PULLER[1])))
+    db = database_with_puller(database_url)
     settings = app_settings(
         database_url,
         workdir / "storage",

@@ -77,17 +77,7 @@ def test_two_groups_store_an_image_once_and_a_third_cannot_read_it(
             ok(admin(proxy.ini, "group", "add", group))
             ok(admin(proxy.ini, "member", "add", group, PULLER[0], "--role", "developer"))
         for group in ("team-a", "team-b"):
-            ok(
-                admin(
-                    proxy.ini,
-                    "proxy",
-                    "credentials",
-                    group,
-                    "--username",
-                    username,
-                    stdin=password + "\n",
-                )
-            )
+            ok(proxy.set_upstream_credentials(group, username, password))
         upstream.relay.reset_counts()
 
         skopeo_pull(proxy.ref("team-a", f"{image}:{TAG}"), tmp_path / "a", creds=PULLER)

@@ -213,20 +213,6 @@ def proxy_token_requests(upstream) -> list[tuple[str | None, int]]:
     ]
 
 
-def set_credentials(proxy: Proxy, group: str, username: str, password: str, *registry: str):
-    registry_args = ["--registry", *registry] if registry else []
-    return admin(
-        proxy.ini,
-        "proxy",
-        "credentials",
-        group,
-        *registry_args,
-        "--username",
-        username,
-        stdin=password + "\n",
-    )
-
-
 def restart(proxy: Proxy, upstream_url: str, **extra: str) -> None:
     """The same proxy (database, storage, port) started again with other settings."""
     proxy.server.stop()
@@ -260,7 +246,7 @@ def test_group_credentials_go_to_their_registry_and_nowhere_else(
     registries = {"depproxy.upstream.registries": f"recorder.test={recorder.url}"}
     with running_proxy(tmp_path, empty_database_url, upstream.url, **registries) as proxy:
         group = proxy.new_group("acme")
-        assert ok(set_credentials(proxy, group, username, password)) == (
+        assert ok(proxy.set_upstream_credentials(group, username, password)) == (
             f"upstream credentials for 127.0.0.1:{upstream.relay.port} set for acme"
         )
 
@@ -302,8 +288,8 @@ def test_a_token_realm_on_another_host_gets_no_credentials_unless_allowed(
     }
     with running_proxy(tmp_path, empty_database_url, upstream.url, **settings) as proxy:
         group = proxy.new_group("acme")
-        ok(set_credentials(proxy, group, "bot", "bot-password", "recorder.test"))
-        ok(set_credentials(proxy, group, "bot", "bot-password", "ALLOWED.test"))
+        ok(proxy.set_upstream_credentials(group, "bot", "bot-password", "recorder.test"))
+        ok(proxy.set_upstream_credentials(group, "bot", "bot-password", "ALLOWED.test"))
 
         refused = pull_manifest(proxy, group, "recorder.test/x/y")
         assert refused.status_code == 502
@@ -359,7 +345,7 @@ def test_instance_credentials_serve_only_the_groups_listed(upstream, tmp_path, e
             )
         ).splitlines()
         deploy_token = (deploy[0].removeprefix("username: "), deploy[1].removeprefix("token: "))
-        ok(set_credentials(proxy, "listed/own", username, "wrong-password"))
+        ok(proxy.set_upstream_credentials("listed/own", username, "wrong-password"))
 
         for group in ("listed", "listed/sub"):
             answer = pull_manifest(proxy, group, private)
@@ -406,7 +392,7 @@ def test_credentials_survive_a_key_rotation_and_a_missing_key_is_named(
     with running_proxy(tmp_path, empty_database_url, upstream.url) as proxy:
         # No depproxy.encryption.keys: sealed under depproxy.jwt.secret, as 0.1 did.
         group = proxy.new_group("rotating")
-        ok(set_credentials(proxy, group, username, password))
+        ok(proxy.set_upstream_credentials(group, username, password))
         assert pull_manifest(proxy, group, private).status_code == 200
 
         restart(proxy, upstream.url, **{"depproxy.encryption.keys": f"{NEW_KEY} {JWT_SECRET}"})

@@ -30,10 +30,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from depproxy_pyramid.credentials import hash_password
-from depproxy_pyramid.models import User
-from tests.conftest import JWT_SECRET, Database, migrate
-from tests.proxy import PROXY_MARKER, PULLER, Proxy
+from tests.conftest import JWT_SECRET, Database
+from tests.proxy import PROXY_MARKER, PULLER, Proxy, database_with_puller
 from tests.server import ServerProcess, free_port, write_ini
 from tests.support.nginx import Nginx
 from tests.support.registry import skopeo
@@ -129,11 +127,7 @@ def start_fleet(
     internal location serves. `extra_settings` go into every process's ini file as they are.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    migrate(database_url)
-    db = Database(database_url)
-    manager, session = db.session()
-    with manager:
-        session.add(User(username=PULLER[0], password_hash=hash_password(PULLER[1])))
+    db = database_with_puller(database_url)
     https_port = free_port()
     storage = workdir / "storage"
     settings = {
