@@ -85,23 +85,16 @@ def test_a_held_lease_is_renewed_and_a_released_one_is_not(database, monkeypatch
     assert RENEW_SECONDS * 3 < LEASE_SECONDS  # a missed renewal or two is no takeover
 
 
-def test_waiting_ends_when_the_lease_ends_or_expires_or_the_work_is_done(database):
+def test_waiting_ends_when_the_lease_ends_or_expires(database):
     leases = Leases(database.session_factory)
     held = leases.try_acquire("blob:wait")
     threading.Timer(0.3, held.release).start()
     started = time.monotonic()
-    Leases(database.session_factory).wait_until_free("blob:wait", lambda: False)
+    Leases(database.session_factory).wait_until_free("blob:wait")
     assert 0.25 < time.monotonic() - started < 5
 
     leases.try_acquire("blob:expiring")
     threading.Timer(0.3, expire, (database, "blob:expiring")).start()
     started = time.monotonic()
-    Leases(database.session_factory).wait_until_free("blob:expiring", lambda: False)
-    assert 0.25 < time.monotonic() - started < 5
-
-    leases.try_acquire("blob:done")
-    done = threading.Event()
-    threading.Timer(0.3, done.set).start()
-    started = time.monotonic()
-    Leases(database.session_factory).wait_until_free("blob:done", done.is_set)
+    Leases(database.session_factory).wait_until_free("blob:expiring")
     assert 0.25 < time.monotonic() - started < 5

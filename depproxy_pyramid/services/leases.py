@@ -19,7 +19,6 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select, update
@@ -112,14 +111,13 @@ class Leases:
             # It expires on its own; waiters then take over and find the work done.
             log.exception("could not release the lease on %s", lease.key)
 
-    def wait_until_free(self, key: str, is_done: Callable[[], bool]) -> None:
-        """Return when the lease on `key` is gone or has expired, or `is_done()` (polled as the
-        lease is) is true."""
+    def wait_until_free(self, key: str) -> None:
+        """Return when the lease on `key` is gone or has expired."""
         pause = FIRST_POLL_SECONDS
         while True:
             with self._session_factory() as session:
                 expires_at = session.scalar(select(Lease.expires_at).where(Lease.key == key))
-            if expires_at is None or expires_at < datetime.now(UTC) or is_done():
+            if expires_at is None or expires_at < datetime.now(UTC):
                 return
             time.sleep(pause)
             pause = min(pause * 2, LAST_POLL_SECONDS)

@@ -492,7 +492,7 @@ class ProxyService:
                 if lease is not None:
                     break
                 # Another process is fetching it: what it stores is this request's answer.
-                self.leases.wait_until_free(lease_key, lambda: False)
+                self.leases.wait_until_free(lease_key)
             try:
                 return self._fetch_manifest(group, image, reference, accept, result=Result.MISS)
             finally:
@@ -907,12 +907,14 @@ class ProxyService:
     ) -> Fill | None:
         """The fill of this process to read the blob from, or None when the group has it now.
 
-        Only one request per process at a time asks for the lease: the others find the fill it
-        started. Those on other processes wait for the lease to end.
+        One request per process and group at a time looks: the others queue behind it and
+        then find the fill it started, or the blob cached. While another process (or another
+        group here) holds the lease, the one looking waits for it to end: the object is then
+        stored, and this group's row one upstream HEAD away.
         """
         lease_key = f"blob:{digest}"
-        while True:
-            with self._fetch_lock(lease_key):
+        with self._fetch_lock(f"{lease_key}:{group.group_id}"):
+            while True:
                 fill = self.fills.running(group.group_id, digest)
                 if fill is not None:
                     return fill
@@ -921,11 +923,7 @@ class ProxyService:
                 lease = self.leases.try_acquire(lease_key)
                 if lease is not None:
                     return self._start_fill(group, digest, open_upstream, lease)
-            # Another process (or another group here) is fetching it: when it is done the
-            # object is stored, and this group's row is one upstream HEAD away.
-            self.leases.wait_until_free(
-                lease_key, lambda: self.fills.running(group.group_id, digest) is not None
-            )
+                self.leases.wait_until_free(lease_key)
 
     def _cached_or_linked(self, group: GroupUpstream, image: str, digest: str) -> bool:
         """Whether the group has the blob now, its row found or made for an object another
