@@ -485,18 +485,24 @@ class ProxyService:
         ):
             while True:
                 found = self._lookup_manifest(group.group_id, image, reference, accept)
+                if found is None:
+                    lease = self.leases.try_acquire(lease_key)
+                    if lease is not None:
+                        try:
+                            # Looked up again: another process may have stored it and let go of
+                            # the lease between the first look and this one's taking it.
+                            found = self._lookup_manifest(group.group_id, image, reference, accept)
+                            if found is None:
+                                return self._fetch_manifest(
+                                    group, image, reference, accept, result=Result.MISS
+                                )
+                        finally:
+                            lease.release()
                 if found is not None:
                     _, kept = found
                     return ServedManifest(kept.content, kept.content_type, kept.digest, Result.HIT)
-                lease = self.leases.try_acquire(lease_key)
-                if lease is not None:
-                    break
                 # Another process is fetching it: what it stores is this request's answer.
                 self.leases.wait_until_free(lease_key)
-            try:
-                return self._fetch_manifest(group, image, reference, accept, result=Result.MISS)
-            finally:
-                lease.release()
 
     def _slot(self, registry: str, kind: str, what: str, unknown_code: str) -> Slot:
         """A slot of the upstream budget, or the registry error telling the client to retry."""
@@ -918,10 +924,21 @@ class ProxyService:
                 fill = self.fills.running(group.group_id, digest)
                 if fill is not None:
                     return fill
-                if self._cached_or_linked(group, image, digest):
+                if self.cached_blob(group.group_id, digest) is not None:
                     return None
                 lease = self.leases.try_acquire(lease_key)
                 if lease is not None:
+                    # Looked at again with the lease held: another process may have stored the
+                    # blob and let go of the lease just before this one took it. Another
+                    # group's object is looked for only here: linking it costs an upstream HEAD.
+                    try:
+                        linked = self._cached_or_linked(group, image, digest)
+                    except BaseException:
+                        lease.release()
+                        raise
+                    if linked:
+                        lease.release()
+                        return None
                     return self._start_fill(group, digest, open_upstream, lease)
                 self.leases.wait_until_free(lease_key)
 
