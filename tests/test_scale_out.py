@@ -15,12 +15,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from depproxy_pyramid.credentials import hash_password
 from depproxy_pyramid.metrics import Metrics
-from depproxy_pyramid.models import User
 from depproxy_pyramid.upstream.gate import FAILURES_TO_OPEN
-from tests.conftest import JWT_SECRET, ROOT, Database, app_settings, migrate
-from tests.proxy import PULLER, Proxy
+from tests.conftest import JWT_SECRET, ROOT, Database, app_settings
+from tests.proxy import Proxy, database_with_puller
 from tests.server import BIN, ServerProcess, free_port, wait_for, write_ini
 from tests.support.relay import Fault
 from tests.support_s3 import MotoS3
@@ -51,12 +49,7 @@ def manifest_errors(proxy: Proxy) -> float:
 @pytest.fixture
 def node_database(postgres_database) -> Iterator[Database]:
     """One migrated PostgreSQL database for every process of the node, with the puller."""
-    url = postgres_database()
-    migrate(url)
-    db = Database(url)
-    manager, session = db.session()
-    with manager:
-        session.add(User(username=PULLER[0], password_hash=hash_password(PULLER[1])))
+    db = database_with_puller(postgres_database())
     yield db
     db.engine.dispose()
 
